@@ -1,0 +1,117 @@
+"""Building blocks shared by the backbones (module-level functions, keras-hub style).
+
+Conventions that make the Keras graphs numerically identical to insightface's PyTorch ones
+(and so let `facerec_tf.export` import their weights):
+
+* BatchNorm ``epsilon=1e-5`` and ``momentum=0.9`` (torch's ``eps=1e-5, momentum=0.1``).
+* PReLU has **one alpha per channel** (``shared_axes=[1, 2]``), initialised to 0.25 like
+  ``torch.nn.PReLU``. Keras' default is one alpha per *element*, which multiplies the
+  parameter count by H*W.
+* 3x3 convolutions pad 1 pixel on every side like torch. Keras ``padding="same"`` pads
+  (0, 1) for a stride-2 convolution on an even input, which shifts the sampling grid, so
+  strided convolutions use an explicit ``ZeroPadding2D(1)`` followed by a ``valid`` conv.
+* Convolution kernels are He-normal (fan-out). arcface_torch draws N(0, 0.1), which is
+  harmless in training mode (every conv is followed by BN) but makes an *untrained* iresnet100
+  overflow to NaN at inference, where BN uses its initial statistics.
+"""
+
+from __future__ import annotations
+
+import keras
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def conv_initializer():
+    return keras.initializers.VarianceScaling(
+        2.0, mode="fan_out", distribution="untruncated_normal"
+    )
+
+
+def batch_norm(x, name, dtype=None, scale=True, axis=-1):
+    return keras.layers.BatchNormalization(
+        axis=axis,
+        epsilon=BN_EPSILON,
+        momentum=BN_MOMENTUM,
+        scale=scale,
+        name=name,
+        dtype=dtype,
+    )(x)
+
+
+def prelu(x, name, dtype=None):
+    """PReLU with one learnable slope per channel (torch ``nn.PReLU(C)``)."""
+    return keras.layers.PReLU(
+        alpha_initializer=keras.initializers.Constant(0.25),
+        shared_axes=[1, 2],
+        name=name,
+        dtype=dtype,
+    )(x)
+
+
+def conv(x, filters, kernel_size, name, strides=1, padding=0, groups=1, use_bias=False, dtype=None):
+    """Conv2D with torch-style symmetric zero padding of ``padding`` pixels."""
+    if padding:
+        if strides == 1 and kernel_size == 2 * padding + 1:
+            pad_mode = "same"  # symmetric for odd kernels at stride 1: identical to torch
+        else:
+            x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad", dtype=dtype)(x)
+            pad_mode = "valid"
+    else:
+        pad_mode = "valid"
+    return keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding=pad_mode,
+        groups=groups,
+        use_bias=use_bias,
+        kernel_initializer=conv_initializer(),
+        name=name,
+        dtype=dtype,
+    )(x)
+
+
+def depthwise_conv(x, kernel_size, name, strides=1, padding=0, dtype=None):
+    """Depthwise conv (torch ``groups == in_channels == out_channels``) with torch padding."""
+    if padding:
+        if strides == 1 and kernel_size == 2 * padding + 1:
+            pad_mode = "same"
+        else:
+            x = keras.layers.ZeroPadding2D(padding, name=f"{name}_pad", dtype=dtype)(x)
+            pad_mode = "valid"
+    else:
+        pad_mode = "valid"
+    return keras.layers.DepthwiseConv2D(
+        kernel_size,
+        strides=strides,
+        padding=pad_mode,
+        use_bias=False,
+        depthwise_initializer=conv_initializer(),
+        name=name,
+        dtype=dtype,
+    )(x)
+
+
+def squeeze_excite(x, ratio, name, dtype=None):
+    """Squeeze-and-excitation: GAP, 1x1 conv C/ratio, ReLU, 1x1 conv C, sigmoid, rescale.
+
+    The 1x1 convolutions have no bias, as in the widely used IR-SE-50 (InsightFace_Pytorch).
+    """
+    channels = x.shape[-1]
+    s = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_pool", dtype=dtype)(x)
+    s = conv(s, channels // ratio, 1, name=f"{name}_reduce", dtype=dtype)
+    s = keras.layers.ReLU(name=f"{name}_relu", dtype=dtype)(s)
+    s = conv(s, channels, 1, name=f"{name}_expand", dtype=dtype)
+    s = keras.layers.Activation("sigmoid", name=f"{name}_sigmoid", dtype=dtype)(s)
+    return keras.layers.Multiply(name=f"{name}_scale", dtype=dtype)([x, s])
+
+
+def preprocessing(x, name="preprocess", dtype=None):
+    """Map RGB pixels in [0, 255] to ``(x - 127.5) / 128`` (the MXNet insightface convention).
+
+    Living inside the model, it is identical by construction in training, evaluation and every
+    export (SavedModel, ONNX, .keras).
+    """
+    return keras.layers.Rescaling(1.0 / 128.0, offset=-127.5 / 128.0, name=name, dtype=dtype)(x)

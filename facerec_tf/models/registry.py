@@ -1,0 +1,55 @@
+"""One registry of backbones and one entry point, :func:`create_backbone`.
+
+Each row of :data:`BACKBONES` names a backbone class and the arguments that make the
+variant; depth variants are rows, not files.
+"""
+
+from __future__ import annotations
+
+from facerec_tf.models.iresnet import IResNetBackbone
+from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
+
+BACKBONES: dict[str, tuple[type, dict]] = {
+    "iresnet18": (IResNetBackbone, {"depth": 18}),
+    "iresnet34": (IResNetBackbone, {"depth": 34}),
+    "iresnet50": (IResNetBackbone, {"depth": 50}),
+    "iresnet100": (IResNetBackbone, {"depth": 100}),
+    "iresnet200": (IResNetBackbone, {"depth": 200}),
+    "ir_se50": (IResNetBackbone, {"depth": 50, "se": True}),
+    "ir_se100": (IResNetBackbone, {"depth": 100, "se": True}),
+    "mobilefacenet": (MobileFaceNetBackbone, {}),
+}
+
+# Names insightface users type, mapped to ours.
+ALIASES = {
+    "r18": "iresnet18",
+    "r34": "iresnet34",
+    "r50": "iresnet50",
+    "r100": "iresnet100",
+    "r200": "iresnet200",
+    "mbf": "mobilefacenet",
+}
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone` (aliases excluded)."""
+    return sorted(BACKBONES)
+
+
+def create_backbone(name: str, **kwargs):
+    """Build a registered backbone.
+
+    Args:
+        name: a name from :func:`list_backbones` (or an insightface alias such as ``r50``).
+        **kwargs: constructor arguments overriding the registry row, e.g.
+            ``embedding_size=256, dropout=0.2, dtype="mixed_float16"``.
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    key = ALIASES.get(name, name)
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
+    cls, preset = BACKBONES[key]
+    args = {**preset, "name": key, **kwargs}
+    return cls(**args)
