@@ -2,7 +2,7 @@
 
 Fixture tests compare against ``../shared/data/rec`` (written by MXNet 1.9.1 itself) byte for
 byte; malformed-file tests build their input in ``tmp_path`` from the fixtures or with the
-small MXNet-compatible writer below.
+MXNet-compatible writer in ``facerec_tf.data.recordio_writer``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from facerec_tf.data.recordio import (
+    MAGIC,
+    MAGIC_BYTES,
     RecDataset,
     RecordIOReader,
     float32_int_candidates,
@@ -23,10 +25,9 @@ from facerec_tf.data.recordio import (
     unpack_header,
     unpack_record,
 )
+from facerec_tf.data.recordio_writer import frame, write_rec
+from facerec_tf.data.recordio_writer import pack_record as ir
 from facerec_tf.errors import DataFormatError, RecordIOError
-
-MAGIC = 0xCED7230A
-MAGIC_BYTES = struct.pack("<I", MAGIC)
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -34,44 +35,6 @@ MAGIC_BYTES = struct.pack("<I", MAGIC)
 
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
-
-
-def frame(cflag: int, data: bytes) -> bytes:
-    """One RecordIO frame: magic, lrecord, data, zero padding to 4 bytes."""
-    return struct.pack("<II", MAGIC, (cflag << 29) | len(data)) + data + b"\0" * (-len(data) % 4)
-
-
-def mx_frames(record: bytes) -> bytes:
-    """Frames for ``record`` as MXNet's writer makes them (split at 4-aligned magic words)."""
-    chunks, start = [], 0
-    for i in range(0, len(record) // 4 * 4, 4):
-        if record[i : i + 4] == MAGIC_BYTES:
-            chunks.append(record[start:i])
-            start = i + 4
-    chunks.append(record[start:])
-    if len(chunks) == 1:
-        return frame(0, chunks[0])
-    flags = [1] + [2] * (len(chunks) - 2) + [3]
-    return b"".join(frame(f, c) for f, c in zip(flags, chunks))
-
-
-def ir(payload: bytes = b"", label: float = 0.0, labels: tuple = (), id_: int = 0) -> bytes:
-    """An IRHeader-packed record."""
-    head = struct.pack("<IfQQ", len(labels), label, id_, 0)
-    return head + struct.pack(f"<{len(labels)}f", *labels) + payload
-
-
-def write_rec(folder: pathlib.Path, records: dict[int, bytes], name: str = "train"):
-    """Write ``records`` (key -> record bytes) as ``name.rec`` / ``name.idx``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    data, lines = bytearray(), []
-    for key, record in records.items():
-        lines.append(f"{key}\t{len(data)}\n")
-        data += mx_frames(record)
-    rec, idx = folder / f"{name}.rec", folder / f"{name}.idx"
-    rec.write_bytes(bytes(data))
-    idx.write_text("".join(lines))
-    return rec, idx
 
 
 def read_idx(path: pathlib.Path) -> dict[int, int]:
@@ -277,7 +240,7 @@ def test_float32_key_candidates():
 
 
 def test_unpack_header():
-    header, start = unpack_header(ir(b"img", labels=(1.0, 5.0), id_=9))
+    header, start = unpack_header(ir(b"img", labels=(1.0, 5.0), id=9))
     assert header.flag == 2 and header.labels == (1.0, 5.0) and header.id == 9 and start == 32
 
 

@@ -38,3 +38,22 @@ def feature_spec():
         LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
         SOURCE_KEY: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     }
+
+
+# Top-level keys of ``manifest.json`` (written last by :mod:`facerec_tf.data.convert`).
+MANIFEST_FORMAT_KEY = "format"  # == MANIFEST_FORMAT
+MANIFEST_NUM_IMAGES = "num_images"  # int: records in all shards
+MANIFEST_NUM_CLASSES = "num_classes"  # int: labels are in [0, num_classes)
+MANIFEST_LABEL_RANGE = "label_range"  # [min, max] of the labels present
+MANIFEST_IMAGE_SIZE = "image_size"  # [height, width]
+MANIFEST_SHARDS = "shards"  # [{"name", "num_records", "bytes", "sha256"}], in shard order
+MANIFEST_SOURCE = "source"  # {"path", "kind": "rec" | "folder", "layout", ...}
+MANIFEST_OPTIONS = "options"  # {"seed", "images_filter", "num_shards", ...}
+MANIFEST_IMAGES_PER_CLASS = "images_per_class"  # {"min", "max", "mean"} (optional)
+
+
+def shard_pattern(prefix: str = "train") -> str:
+    """Regular expression matching the names :func:`shard_name` makes for ``prefix``."""
+    import re
+
+    return rf"{re.escape(prefix)}-\d{{5,}}-of-\d{{5,}}{re.escape(SHARD_SUFFIX)}"

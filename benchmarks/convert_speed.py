@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""Benchmark of the ``.rec`` -> TFRecord converter against a plain copy of the same bytes.
+
+Builds a synthetic insightface-layout ``.rec`` (default 200,000 records of 112x112 JPEGs of
+about 4 KB, like insightface's 112x112 face crops) with :mod:`facerec_tf.data.recordio_writer`,
+then, in the same run and on the same (page-cached) file:
+
+* **copy**: reads the ``.rec`` in 1 MiB chunks and writes it to a new file, then fsyncs it
+  (the floor for any converter that reads and writes every byte once);
+* **convert**: runs ``tools/convert_rec_to_tfrecord.py`` in a subprocess (shuffled reads by
+  offset, JPEG header checks, Example encoding, CRCs, sha256, fsync of every shard), once per
+  ``--workers`` value, and reads its peak resident memory (the largest of the converter
+  process and its worker processes, via ``RUSAGE_CHILDREN`` of a tiny wrapper process);
+* for reference, a **shuffled copy**: every record read at its offset in shuffled order and
+  appended to a file, with no parsing, checks, encoding or hashing.
+
+Prints MB/s of both, their ratio (target >= 0.5) and the converter's peak RSS (target
+<= 500 MB). Example::
+
+    python benchmarks/convert_speed.py                      # 200k records, workers 1 and 2
+    python benchmarks/convert_speed.py --num-images 20000 --image-size 16 --workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLI = os.path.join(ROOT, "tools", "convert_rec_to_tfrecord.py")
+
+
+def build_rec(folder: str, num_images: int, num_classes: int, size: int, quality: int) -> str:
+    """Write the synthetic insightface-layout dataset; returns the ``.rec`` path."""
+    from facerec_tf.data.recordio_writer import synthetic_faces, write_insightface
+
+    rec, _ = write_insightface(
+        folder,
+        synthetic_faces(num_images, num_classes, size=size, quality=quality),
+        num_classes=num_classes,
+        image_size=(size, size),
+    )
+    return os.fspath(rec)
+
+
+def copy_file(src: str, dst: str, chunk: int = 1 << 20) -> float:
+    """Plain read + write copy of ``src`` (fsynced); returns seconds."""
+    t0 = time.perf_counter()
+    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        while True:
+            data = fin.read(chunk)
+            if not data:
+                break
+            fout.write(data)
+        os.fsync(fout.fileno())
+    return time.perf_counter() - t0
+
+
+_RSS_WRAPPER = """\
+import resource, subprocess, sys, time
+t0 = time.perf_counter()
+r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(time.perf_counter() - t0, u.ru_maxrss, u.ru_utime + u.ru_stime)
+sys.exit(r.returncode)
+"""
+
+
+def run_converter(
+    rec_dir: str, out: str, num_shards: int, workers: int
+) -> tuple[float, int, float]:
+    """Run the CLI; returns ``(seconds, peak_rss_bytes, cpu_seconds)`` of it and its workers.
+
+    The CLI is started from a tiny wrapper process, whose ``RUSAGE_CHILDREN`` ``ru_maxrss``
+    is the largest resident size among the converter and its workers (a child forked from
+    this bigger process would report this process's size as its own at ``exec``).
+    """
+    cmd = [
+        sys.executable,
+        CLI,
+        rec_dir,
+        out,
+        "--num-shards",
+        str(num_shards),
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True, check=False
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"converter failed with exit status {r.returncode}: {r.stderr}")
+    seconds, maxrss_kib, cpu = r.stdout.split()
+    return float(seconds), int(maxrss_kib) * 1024, float(cpu)  # Linux reports KiB
+
+
+def shuffled_copy(rec: str, dst: str, seed: int = 0) -> float:
+    """Read every record at its ``.idx`` offset in shuffled order and append it to ``dst``.
+
+    The converter's I/O pattern with none of its work (no parsing, checks, encoding, CRC or
+    sha256): a reference for how much of its time is Python-level per-record overhead.
+    """
+    import numpy as np
+
+    idx = os.path.splitext(rec)[0] + ".idx"
+    offsets = np.loadtxt(idx, dtype=np.int64, delimiter="\t", ndmin=2)[:, 1]
+    order = np.sort(offsets)
+    ends = np.append(order[1:], os.path.getsize(rec))
+    sizes = dict(zip(order.tolist(), (ends - order).tolist()))
+    todo = offsets[np.random.default_rng(seed).permutation(offsets.size)].tolist()
+    t0 = time.perf_counter()
+    fd = os.open(rec, os.O_RDONLY)
+    try:
+        with open(dst, "wb", buffering=1 << 20) as out:
+            for off in todo:
+                out.write(os.pread(fd, sizes[off], off))
+            out.flush()
+            os.fsync(out.fileno())
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-images", type=int, default=200_000)
+    p.add_argument("--num-classes", type=int, default=2_000)
+    p.add_argument("--image-size", type=int, default=112, help="JPEG side in pixels")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    p.add_argument("--num-shards", type=int, default=16)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workdir", help="where to build the data (default: a temp folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = p.parse_args(argv)
+
+    work = args.workdir or tempfile.mkdtemp(prefix="convert_speed-")
+    os.makedirs(work, exist_ok=True)
+    try:
+        rec_dir = os.path.join(work, "rec")
+        t0 = time.perf_counter()
+        rec = build_rec(rec_dir, args.num_images, args.num_classes, args.image_size, args.quality)
+        size = os.path.getsize(rec)
+        mb = size / 1e6
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        print(f"machine: {os.cpu_count()} CPUs, load average {load}")
+        print(
+            f"synthetic .rec: {args.num_images} records, {args.num_classes} classes, "
+            f"{args.image_size}x{args.image_size} JPEG q{args.quality}, {mb:.1f} MB "
+            f"(built in {time.perf_counter() - t0:.1f} s)"
+        )
+        copy_file(rec, os.path.join(work, "warmup.bin"))  # page cache warm for both
+        os.unlink(os.path.join(work, "warmup.bin"))
+        t_copy = copy_file(rec, os.path.join(work, "copy.bin"))
+        os.unlink(os.path.join(work, "copy.bin"))
+        copy_mbs = mb / t_copy
+        print(f"plain read+write copy (1 MiB chunks, fsync): {t_copy:.2f} s, {copy_mbs:.0f} MB/s")
+        t_shuf = shuffled_copy(rec, os.path.join(work, "shuffled.bin"))
+        os.unlink(os.path.join(work, "shuffled.bin"))
+        print(
+            f"reference, shuffled per-record pread+write (no checks/encoding): {t_shuf:.2f} s, "
+            f"{mb / t_shuf:.0f} MB/s"
+        )
+        ok = True
+        for workers in args.workers:
+            out = os.path.join(work, f"out-w{workers}")
+            secs, rss, cpu = run_converter(rec_dir, out, args.num_shards, workers)
+            mbs = mb / secs
+            ratio = mbs / copy_mbs
+            rss_mb = rss / 1e6
+            ok &= ratio >= 0.5 and rss_mb <= 500
+            print(
+                f"converter --workers {workers} --num-shards {args.num_shards}: {secs:.2f} s, "
+                f"{mbs:.0f} MB/s, {args.num_images / secs:,.0f} images/s, "
+                f"ratio {ratio:.2f}x of copy (target >= 0.5), "
+                f"peak RSS {rss_mb:.0f} MB per process (target <= 500); "
+                f"CPU {cpu:.2f} s in all processes = {mb / cpu:.0f} MB/s per busy core"
+            )
+            shutil.rmtree(out)
+        print("targets met" if ok else "targets NOT met")
+        return 0
+    finally:
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
