@@ -1,0 +1,381 @@
+"""Typed training configuration: dataclasses, named presets, files and ``key=value`` overrides.
+
+A :class:`TrainConfig` has six sections (``data``, ``model``, ``head``, ``optimizer``,
+``schedule``, ``runtime``). Presets are named like arcface_torch's config files
+(``ms1mv2_r50`` ...) plus ``quickstart``. A config file (JSON or YAML) holds a partial dict,
+optionally with ``base: PRESET``; ``--set section.key=value`` overrides any field. Unknown keys
+and values of the wrong type raise :class:`facerec_tf.errors.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+
+from facerec_tf.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are batched."""
+
+    source: str = "synthetic"  # "synthetic" or a folder of TFRecord shards + manifest.json
+    dataset: str = "synthetic"  # a name for logs (ms1mv2, glint360k, ...)
+    num_classes: int = 0  # 0 = read from the manifest (or the synthetic default)
+    num_images: int = 0  # 0 = read from the manifest
+    batch_size: int = 128  # per replica, as in arcface_torch
+    image_size: tuple[int, int] = (112, 112)
+    shuffle_buffer: int = 8192
+    random_flip: bool = True
+    color_jitter: float = 0.0
+    cutout: float = 0.0
+    verification_targets: tuple[str, ...] = ("lfw", "cfp_fp", "agedb_30")
+    verification_dir: str = ""  # default: the data folder
+    synthetic_verification_pairs: int = 600  # held-out identity pairs when source=synthetic
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "iresnet50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+    sync_batch_norm: bool = False  # per-replica BN statistics by default, as insightface
+
+
+@dataclass
+class HeadConfig:
+    name: str = "arcface"  # arcface, cosface, sphereface, combined, normface, softmax
+    scale: float = 64.0
+    m1: float | None = None  # None = the preset's value
+    m2: float | None = None
+    m3: float | None = None
+    easy_margin: bool = False
+    interclass_filtering_threshold: float = 0.0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd or adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # "coupled": torch / insightface L2 (wd * w added to the gradient, then momentum);
+    # "decoupled": Keras / AdamW style (w -= lr * wd * w, outside the momentum).
+    weight_decay_mode: str = "coupled"
+    centers_weight_decay_mult: float = 1.0  # the MXNet trainer's fc7-wd-mult
+    clip_norm: float = 5.0  # global-norm clip of the backbone gradient; 0 = off
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    epsilon: float = 1e-8
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "polynomial"  # polynomial (warmup + poly decay), step, cosine, constant
+    base_lr: float = 0.1
+    epochs: float = 20.0
+    warmup_epochs: float = 0.0
+    power: float = 2.0  # arcface_torch's PolyScheduler
+    end_lr: float = 0.0
+    lr_steps: tuple[float, ...] = ()  # epochs for the step schedule (the seed's --lr-steps)
+    step_factor: float = 0.1
+    total_steps: int = 0  # 0 = epochs * num_images / global batch
+
+
+@dataclass
+class RuntimeConfig:
+    precision: str = "fp32"  # fp32, mixed_float16, mixed_bfloat16
+    jit_compile: bool = False
+    seed: int = 0
+    deterministic: bool = False  # op determinism + deterministic input order (exact resume)
+    checkpoint_every: int = 2000  # steps
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    verify_every: int = 2000
+    steps_per_loop: int = 1  # steps inside one tf.function call
+    export: bool = True  # write OUTPUT/export (backbone.keras + SavedModel) at the end
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets (class and image counts as in arcface_torch's configs).
+
+
+def _dataset_preset(dataset, classes, images, backbone, epochs=20, warmup=0.0, **extra):
+    config = TrainConfig()
+    config.data.dataset = dataset
+    config.data.num_classes = classes
+    config.data.num_images = images
+    config.model.backbone = backbone
+    config.schedule.epochs = epochs
+    config.schedule.warmup_epochs = warmup
+    return merge(config, extra) if extra else config
+
+
+def _quickstart():
+    # A 2-core CPU run of a few minutes on the synthetic source (see README for the figures).
+    return from_dict(
+        {
+            "data": {
+                "source": "synthetic",
+                "dataset": "synthetic",
+                "num_classes": 1000,
+                "num_images": 64000,
+                "batch_size": 64,
+                "verification_targets": ["synthetic_holdout"],
+            },
+            "model": {"backbone": "mobilefacenet", "embedding_size": 128},
+            "head": {"name": "arcface", "scale": 32.0, "m2": 0.3},
+            "optimizer": {"weight_decay": 5e-4, "clip_norm": 5.0},
+            "schedule": {"base_lr": 0.1, "epochs": 4, "warmup_epochs": 0.25},
+            "runtime": {"checkpoint_every": 250, "log_every": 25, "verify_every": 500},
+        }
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
+    "ms1mv2_r50": lambda: _dataset_preset("ms1mv2", 85742, 5822653, "iresnet50"),
+    "ms1mv2_r100": lambda: _dataset_preset("ms1mv2", 85742, 5822653, "iresnet100"),
+    "ms1mv3_r50": lambda: _dataset_preset("ms1mv3", 93431, 5179510, "iresnet50"),
+    "ms1mv3_r100": lambda: _dataset_preset("ms1mv3", 93431, 5179510, "iresnet100"),
+    "glint360k_r100": lambda: _dataset_preset(
+        "glint360k", 360232, 17091657, "iresnet100", head={"name": "cosface"}
+    ),
+    "webface4m_r50": lambda: _dataset_preset("webface4m", 205990, 4235242, "iresnet50", warmup=2.0),
+    "casia_r50": lambda: _dataset_preset("casia", 10572, 490623, "iresnet50", epochs=20),
+    "quickstart": _quickstart,
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset; valid presets: {', '.join(list_presets())}", key=name)
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed conversion
+
+
+def _convert(value, annotation, key):
+    """Coerce ``value`` (from JSON/YAML or a ``--set`` string) to ``annotation``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e.detail)
+        raise ConfigError("; ".join(errors), key=key)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"expected a list, got {value!r}", key=key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"expected {len(args)} values, got {value!r}", key=key)
+        return tuple(_convert(v, a, key) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"expected true or false, got {value!r}", key=key)
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected an integer, got {value!r}", key=key)
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"expected an integer, got {value!r}", key=key)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"expected a number, got {value!r}", key=key)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"expected a number, got {value!r}", key=key)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"expected a string, got {value!r}", key=key)
+    raise ConfigError(f"unsupported field type {annotation}", key=key)
+
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def merge(config: TrainConfig, updates: dict, prefix: str = "") -> TrainConfig:
+    """Return a copy of ``config`` with the nested dict ``updates`` applied, type-checked."""
+    config = dataclasses.replace(
+        config, **{k: dataclasses.replace(getattr(config, k)) for k in _fields(TrainConfig)}
+    )
+    if not isinstance(updates, dict):
+        raise ConfigError(
+            f"expected a mapping, got {type(updates).__name__}", key=prefix or "<root>"
+        )
+    for section, values in updates.items():
+        if section == "base":
+            continue
+        sections = _fields(TrainConfig)
+        if section not in sections:
+            raise ConfigError(
+                f"unknown section; valid sections: {', '.join(sections)}", key=prefix + section
+            )
+        if not isinstance(values, dict):
+            raise ConfigError("expected a mapping of keys to values", key=prefix + section)
+        target = getattr(config, section)
+        fields = _fields(type(target))
+        for key, value in values.items():
+            full = f"{prefix}{section}.{key}"
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown key; valid keys of {section!r}: {', '.join(fields)}", key=full
+                )
+            setattr(target, key, _convert(value, fields[key], full))
+    validate(config)
+    return config
+
+
+def from_dict(d: dict) -> TrainConfig:
+    base = get_preset(d["base"]) if isinstance(d, dict) and "base" in d else TrainConfig()
+    return merge(base, d)
+
+
+def parse_overrides(items: typing.Iterable[str]) -> dict:
+    """``["optimizer.weight_decay=1e-4", "data.batch_size=64"]`` -> nested dict of strings."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError("expected section.key=value", key=item)
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                "expected section.key=value (e.g. optimizer.weight_decay=1e-4)", key=key
+            )
+        out.setdefault(parts[0], {})[parts[1]] = value.strip()
+    return out
+
+
+def load_file(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ConfigError("YAML configs need PyYAML (pip install pyyaml)", key=path) from e
+        data = yaml.safe_load(text)
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"not valid JSON: {e}", key=path) from e
+    if not isinstance(data, dict):
+        raise ConfigError("a config file must hold a mapping", key=path)
+    return data
+
+
+def resolve(name_or_file: str, overrides: typing.Iterable[str] = ()) -> TrainConfig:
+    """A preset name or a JSON/YAML file, then ``key=value`` overrides."""
+    if os.path.exists(name_or_file):
+        config = from_dict(load_file(name_or_file))
+    else:
+        config = get_preset(name_or_file)
+    return merge(config, parse_overrides(overrides))
+
+
+CHOICES = {
+    "optimizer.name": ("sgd", "adamw"),
+    "optimizer.weight_decay_mode": ("coupled", "decoupled"),
+    "schedule.name": ("polynomial", "step", "cosine", "constant"),
+    "runtime.precision": ("fp32", "mixed_float16", "mixed_bfloat16"),
+    "head.name": ("arcface", "cosface", "sphereface", "combined", "normface", "softmax"),
+}
+
+
+def validate(config: TrainConfig) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in choices:
+            raise ConfigError(f"must be one of {', '.join(choices)}, got {value!r}", key=key)
+    positive = {
+        "data.batch_size": config.data.batch_size,
+        "runtime.log_every": config.runtime.log_every,
+        "runtime.checkpoint_every": config.runtime.checkpoint_every,
+        "runtime.keep_checkpoints": config.runtime.keep_checkpoints,
+        "runtime.steps_per_loop": config.runtime.steps_per_loop,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"must be > 0, got {value}", key=key)
+    non_negative = {
+        "data.num_classes": config.data.num_classes,
+        "data.num_images": config.data.num_images,
+        "optimizer.weight_decay": config.optimizer.weight_decay,
+        "optimizer.clip_norm": config.optimizer.clip_norm,
+        "schedule.warmup_epochs": config.schedule.warmup_epochs,
+        "schedule.total_steps": config.schedule.total_steps,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"must be >= 0, got {value}", key=key)
+    o = config.optimizer
+    if o.weight_decay_mode == "decoupled" and o.centers_weight_decay_mult not in (0.0, 1.0):
+        raise ConfigError(
+            "decoupled weight decay supports a centre multiplier of 0 or 1 only; use "
+            "weight_decay_mode=coupled for other values",
+            key="optimizer.centers_weight_decay_mult",
+        )
+    if o.name == "adamw" and o.weight_decay_mode == "coupled" and o.weight_decay > 0:
+        raise ConfigError(
+            "AdamW decays weights decoupled; set optimizer.weight_decay_mode=decoupled",
+            key="optimizer.weight_decay_mode",
+        )

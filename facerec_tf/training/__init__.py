@@ -1,0 +1,1 @@
+"""Training: task (what), trainer (how), strategies, schedules and optimisers."""

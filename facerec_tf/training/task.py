@@ -1,0 +1,170 @@
+"""The face-recognition task: what to train (model, inputs, loss, verification targets).
+
+The :class:`facerec_tf.training.trainer.Trainer` decides *how* (loop, strategy, checkpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+from facerec_tf.config import TrainConfig
+from facerec_tf.errors import ConfigError
+
+SYNTHETIC = "synthetic"
+# Synthetic identities >= this offset are never trained on: they make the held-out pairs.
+SYNTHETIC_HOLDOUT_OFFSET = 1_000_000
+
+
+class FaceRecognitionTask:
+    """Builds the backbone, the margin head, the input pipeline and the loss from a config."""
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.manifest = None
+        if config.data.source != SYNTHETIC:
+            from facerec_tf.data.pipeline import read_manifest
+
+            self.manifest = read_manifest(config.data.source)
+
+    # ---- sizes -----------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        if self.manifest is not None:
+            n = int(self.manifest["num_classes"])
+            if self.config.data.num_classes and self.config.data.num_classes != n:
+                raise ConfigError(
+                    f"{self.config.data.num_classes} set, but the manifest of "
+                    f"{self.config.data.source} says {n}",
+                    key="data.num_classes",
+                )
+            return n
+        if self.config.data.num_classes <= 0:
+            raise ConfigError("must be > 0 for the synthetic source", key="data.num_classes")
+        return self.config.data.num_classes
+
+    @property
+    def num_images(self) -> int:
+        if self.manifest is not None:
+            return int(self.manifest["num_images"])
+        if self.config.data.num_images <= 0:
+            raise ConfigError("must be > 0 for the synthetic source", key="data.num_images")
+        return self.config.data.num_images
+
+    def steps(self, global_batch: int) -> tuple[int, int]:
+        """(steps_per_epoch, total_steps)."""
+        per_epoch = max(1, self.num_images // global_batch)
+        total = self.config.schedule.total_steps or math.ceil(
+            self.config.schedule.epochs * per_epoch
+        )
+        return per_epoch, max(total, 1)
+
+    # ---- model -------------------------------------------------------------------------------
+    def build_backbone(self):
+        from facerec_tf.models import create_backbone
+
+        m = self.config.model
+        h, w = self.config.data.image_size
+        backbone = create_backbone(
+            m.backbone, embedding_size=m.embedding_size, dropout=m.dropout, input_shape=(h, w, 3)
+        )
+        if m.sync_batch_norm:
+            set_synchronized_batch_norm(backbone, True)
+        return backbone
+
+    def build_head(self):
+        from facerec_tf.heads import create_head
+
+        h = self.config.head
+        kwargs = {}
+        if h.name != "softmax":
+            kwargs = {
+                "scale": h.scale,
+                "easy_margin": h.easy_margin,
+                "interclass_filtering_threshold": h.interclass_filtering_threshold,
+            }
+            for key in ("m1", "m2", "m3"):
+                if getattr(h, key) is not None:
+                    kwargs[key] = getattr(h, key)
+        head = create_head(h.name, self.num_classes, **kwargs)
+        head.build((None, self.config.model.embedding_size))
+        return head
+
+    # ---- data --------------------------------------------------------------------------------
+    def dataset_fn(self, per_replica_batch: int):
+        """A ``dataset_fn(input_context)`` for ``distribute_datasets_from_function``."""
+        d = self.config.data
+        r = self.config.runtime
+
+        def fn(input_context=None):
+            if d.source == SYNTHETIC:
+                from facerec_tf.data.synthetic import make_synthetic_dataset
+
+                return make_synthetic_dataset(
+                    self.num_classes,
+                    per_replica_batch,
+                    seed=r.seed,
+                    input_context=input_context,
+                    image_size=tuple(d.image_size),
+                )
+            from facerec_tf.data.pipeline import AugmentConfig, make_tfrecord_dataset
+
+            augment = AugmentConfig(
+                random_flip=d.random_flip, color_jitter=d.color_jitter, cutout=d.cutout
+            )
+            return make_tfrecord_dataset(
+                d.source,
+                per_replica_batch,
+                training=True,
+                augment=augment,
+                seed=r.seed,
+                deterministic=r.deterministic,
+                shuffle_buffer=d.shuffle_buffer,
+                input_context=input_context,
+                image_size=tuple(d.image_size),
+            )
+
+        return fn
+
+    def verification_sets(self):
+        """``[(name, uint8 images [2N, H, W, 3], issame [N])]`` for in-training verification."""
+        d = self.config.data
+        out = []
+        if d.source == SYNTHETIC:
+            from facerec_tf.data.synthetic import synthetic_verification_set
+
+            if d.synthetic_verification_pairs > 0:
+                images, issame = synthetic_verification_set(
+                    d.synthetic_verification_pairs,
+                    identity_offset=SYNTHETIC_HOLDOUT_OFFSET,
+                    seed=self.config.runtime.seed + 1,
+                    image_size=tuple(d.image_size),
+                )
+                out.append(("synthetic_holdout", images, issame))
+            return out
+        from facerec_tf.data.verification_bin import decode_pairs, load_bin
+
+        folder = d.verification_dir or d.source
+        for name in d.verification_targets:
+            path = os.path.join(folder, f"{name}.bin")
+            if os.path.exists(path):
+                vset = load_bin(path)
+                out.append((name, decode_pairs(vset, image_size=tuple(d.image_size)), vset.issame))
+        return out
+
+    def describe(self) -> dict:
+        return {
+            "num_classes": self.num_classes,
+            "num_images": self.num_images,
+            "config": dataclasses.asdict(self.config),
+        }
+
+
+def set_synchronized_batch_norm(model, synchronized: bool) -> None:
+    """Switch every BatchNormalization of ``model`` to cross-replica (sync) statistics."""
+    import keras
+
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = synchronized

@@ -1,0 +1,438 @@
+"""The training loop: ``strategy.run`` inside ``tf.function`` over a distributed dataset.
+
+A custom loop rather than ``model.fit`` because Keras 3.15's ``fit`` fails under
+MultiWorkerMirroredStrategy (keras-team/keras#20585) and because exact resume needs the data
+iterator, the optimiser slots and the step in one checkpoint.
+
+Per step, on every replica: forward, per-example cross-entropy averaged over the *global*
+batch, gradients, one all-reduce, global-norm clip of the backbone gradient, coupled L2
+(insightface-equivalent), optimiser update. The loss and the logits are float32 under every
+precision policy.
+
+Output folder layout::
+
+    OUTPUT/config.json            resolved config (+ class/image counts)
+    OUTPUT/checkpoints/ckpt-N.*   model, head, optimiser slots, step, loss scale, data iterator
+    OUTPUT/tensorboard/           loss, accuracy, lr, images/s, loss scale, embedding norm,
+                                  verification accuracy per target
+    OUTPUT/best/backbone.keras    best embedding model by mean verification accuracy
+    OUTPUT/export/backbone.keras  final embedding model; OUTPUT/export/saved_model/ (SavedModel)
+    OUTPUT/metrics.json           final verification results and throughput
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from facerec_tf.config import TrainConfig
+from facerec_tf.errors import FacerecError
+
+
+class NonFiniteLossError(FacerecError, FloatingPointError):
+    """The loss became NaN or Inf; training stopped, the last good checkpoint is kept."""
+
+    def __init__(self, step: int, loss: float, checkpoint: str | None):
+        self.step, self.loss, self.checkpoint = step, loss, checkpoint
+        kept = (
+            f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        )
+        super().__init__(f"non-finite loss {loss} at step {step}; training stopped ({kept})")
+
+
+class ResumeError(FacerecError, RuntimeError):
+    """A checkpoint cannot be restored exactly (e.g. it lacks optimiser state)."""
+
+
+def _format_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
+
+
+class Trainer:
+    """Trains a :class:`~facerec_tf.training.task.FaceRecognitionTask` under a strategy.
+
+    Args:
+        task: what to train.
+        strategy: a ``tf.distribute`` strategy (see :func:`~facerec_tf.training.strategy.create_strategy`).
+        output_dir: the run folder (see the module docstring).
+        max_steps: stop after this many steps in total (for tests and smoke runs); the schedule
+            still spans the configured number of steps.
+        stream: where the progress lines go.
+    """
+
+    def __init__(self, task, strategy, output_dir: str, max_steps: int | None = None, stream=None):
+        import keras
+        import tensorflow as tf
+
+        from facerec_tf.training.optim import build_optimizer, coupled_decay_multipliers
+        from facerec_tf.training.schedules import build_schedule
+        from facerec_tf.training.strategy import is_chief
+
+        self.task = task
+        self.config: TrainConfig = task.config
+        self.strategy = strategy
+        self.output_dir = os.path.abspath(output_dir)
+        self.stream = stream or sys.stdout
+        self.chief = is_chief(strategy)
+        rt = self.config.runtime
+
+        self.per_replica_batch = self.config.data.batch_size
+        self.global_batch = self.per_replica_batch * strategy.num_replicas_in_sync
+        self.steps_per_epoch, self.total_steps = task.steps(self.global_batch)
+        self.max_steps = min(max_steps or self.total_steps, self.total_steps)
+
+        if rt.precision != "fp32":
+            keras.mixed_precision.set_dtype_policy(rt.precision)
+        else:
+            keras.mixed_precision.set_dtype_policy("float32")
+        keras.utils.set_random_seed(rt.seed)
+
+        with strategy.scope():
+            self.backbone = task.build_backbone()
+            self.head = task.build_head()
+            self.schedule = build_schedule(
+                self.config.schedule, self.steps_per_epoch, self.total_steps
+            )
+            centers = getattr(getattr(self.head, "centers", None), "kernel", None)
+            centers = [centers] if centers is not None else []
+            self.optimizer = build_optimizer(
+                self.config.optimizer, self.schedule, rt.precision, centers
+            )
+            self.variables = self.backbone.trainable_variables + self.head.trainable_variables
+            self.optimizer.build(self.variables)
+            self.decay = coupled_decay_multipliers(
+                self.config.optimizer,
+                self.backbone.trainable_variables,
+                self.head.trainable_variables,
+                centers,
+            )
+            self.best_accuracy = tf.Variable(
+                -1.0, trainable=False, dtype=tf.float32, name="best_accuracy"
+            )
+
+        self.dataset = strategy.distribute_datasets_from_function(
+            task.dataset_fn(self.per_replica_batch)
+        )
+        self.iterator = iter(self.dataset)
+        self.checkpoint = tf.train.Checkpoint(
+            backbone=self.backbone,
+            head=self.head,
+            optimizer=self.optimizer,
+            iterator=self.iterator,
+            best_accuracy=self.best_accuracy,
+        )
+        ckpt_dir = os.path.join(self.output_dir, "checkpoints")
+        if not self.chief:  # non-chief workers save to a scratch folder (collective op)
+            ckpt_dir = tempfile.mkdtemp(prefix="facerec_worker_ckpt_")
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint,
+            ckpt_dir,
+            max_to_keep=rt.keep_checkpoints,
+            step_counter=self.optimizer.iterations,
+        )
+        self.writer = None
+        if self.chief:
+            self.writer = tf.summary.create_file_writer(
+                os.path.join(self.output_dir, "tensorboard")
+            )
+        else:
+            self.writer = tf.summary.create_noop_writer()
+        self._train_fn = self._build_train_fn()
+        self._verification = None
+        self.history: list[dict] = []
+
+    # ---- the step ----------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def _loss_scale(self):
+        import tensorflow as tf
+
+        scale = getattr(self.optimizer, "dynamic_scale", None)
+        return tf.cast(scale, tf.float32) if scale is not None else tf.constant(1.0)
+
+    def _replica_step(self, images, labels):
+        import keras
+        import tensorflow as tf
+
+        from facerec_tf.training.optim import process_gradients
+
+        clip = self.config.optimizer.clip_norm
+        n_backbone = len(self.backbone.trainable_variables)
+        with tf.GradientTape() as tape:
+            embeddings = self.backbone(images, training=True)
+            logits = self.head(embeddings, labels)
+            per_example = keras.losses.sparse_categorical_crossentropy(
+                labels, logits, from_logits=True
+            )
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
+            scaled = (
+                self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
+            )
+        grads = tape.gradient(scaled, self.variables)
+        ctx = tf.distribute.get_replica_context()
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads, grad_norm = process_gradients(
+            grads, self.variables, self.decay, n_backbone, clip, self._loss_scale()
+        )
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        correct = tf.reduce_sum(
+            tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32)
+        )
+        norm = tf.reduce_sum(tf.norm(tf.cast(embeddings, tf.float32), axis=1))
+        return {"loss": loss, "correct": correct, "norm_sum": norm, "grad_norm": grad_norm}
+
+    def _build_train_fn(self):
+        import tensorflow as tf
+
+        strategy = self.strategy
+        steps = self.config.runtime.steps_per_loop
+        SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
+
+        def one_step(iterator):
+            images, labels = next(iterator)
+            out = strategy.run(self._replica_step, args=(images, labels))
+            return {
+                k: strategy.reduce(MEAN if k == "grad_norm" else SUM, v, axis=None)
+                for k, v in out.items()
+            }
+
+        def loop(iterator):
+            out = one_step(iterator)
+            for _ in tf.range(steps - 1):  # figures of the last step are returned
+                out = one_step(iterator)
+            return out
+
+        return tf.function(loop, jit_compile=self.config.runtime.jit_compile or None)
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Restore the latest checkpoint in the run folder (exactly); returns the step."""
+        path = self.manager.latest_checkpoint
+        if path is None:
+            return 0
+        status = self.checkpoint.restore(path)
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as e:
+            raise ResumeError(
+                f"checkpoint {path} does not hold the full training state (model, head, "
+                f"optimizer slots, step, data iterator); refusing to resume with partial state: {e}"
+            ) from e
+        return self.step
+
+    def save(self) -> str | None:
+        path = self.manager.save(checkpoint_number=self.step)
+        return path if self.chief else None
+
+    def _discard_latest_checkpoint(self) -> str | None:
+        """Drop the newest checkpoint (its weights produced a non-finite loss) and return the
+        one before it, which becomes the latest again."""
+        import glob
+
+        import tensorflow as tf
+
+        paths = list(self.manager.checkpoints)
+        if not paths or not self.chief:
+            return paths[-1] if paths else None
+        bad = paths.pop()
+        for f in glob.glob(bad + ".*"):
+            os.remove(f)
+        tf.train.update_checkpoint_state(
+            self.manager.directory,
+            model_checkpoint_path=paths[-1] if paths else "",
+            all_model_checkpoint_paths=paths,
+        )
+        return paths[-1] if paths else None
+
+    def weights_digest(self) -> str:
+        """sha256 of every backbone and head weight (to compare replicas, workers and runs)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for v in self.backbone.weights + self.head.weights:
+            h.update(np.ascontiguousarray(v.numpy()).tobytes())
+        return h.hexdigest()
+
+    # ---- verification ------------------------------------------------------------------------
+    def _embed_fn(self):
+        import tensorflow as tf
+
+        if getattr(self, "_embed", None) is None:
+            self._embed = tf.function(
+                lambda x: self.backbone(tf.cast(x, tf.float32), training=False)
+            )
+        return self._embed
+
+    def verify(self) -> dict:
+        from facerec_tf.evaluation.verification import embed_pairs, evaluate_embeddings
+
+        if self._verification is None:
+            self._verification = self.task.verification_sets()
+        results = {}
+        embed = self._embed_fn()
+        for name, images, issame in self._verification:
+            emb, flipped = embed_pairs(lambda b: embed(b).numpy(), images, batch_size=64, flip=True)
+            results[name] = evaluate_embeddings(name, emb, flipped, issame)
+        return results
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.chief:
+            print(msg, file=self.stream, flush=True)
+
+    def write_config(self) -> None:
+        if not self.chief:
+            return
+        os.makedirs(self.output_dir, exist_ok=True)
+        resolved = self.config.to_dict()
+        resolved["resolved"] = {
+            "num_classes": self.task.num_classes,
+            "num_images": self.task.num_images,
+            "replicas": self.strategy.num_replicas_in_sync,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        }
+        tmp = os.path.join(self.output_dir, ".config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(resolved, f, indent=2)
+        os.replace(tmp, os.path.join(self.output_dir, "config.json"))
+
+    def train(self, resume: bool = False) -> dict:
+        import tensorflow as tf
+
+        rt = self.config.runtime
+        self.write_config()
+        if resume:
+            start = self.restore()
+            self._log(
+                f"resumed from step {start} ({self.manager.latest_checkpoint})"
+                if start
+                else "no checkpoint to resume from: starting at step 0"
+            )
+        elif self.manager.latest_checkpoint is not None:
+            raise ResumeError(
+                f"{self.manager.directory} already holds checkpoints; pass --resume to continue "
+                "that run or choose another --output"
+            )
+        self._log(
+            f"training {self.config.model.backbone} + {self.config.head.name} on "
+            f"{self.config.data.dataset} ({self.task.num_classes} classes, {self.task.num_images} images): "
+            f"{self.strategy.num_replicas_in_sync} replica(s) x batch {self.per_replica_batch}, "
+            f"{self.max_steps} of {self.total_steps} steps, precision {rt.precision}"
+        )
+        last_good = self.manager.latest_checkpoint
+        window_start, window_images = time.perf_counter(), 0
+        run_start = time.perf_counter()
+        step = last_saved = self.step
+        while step < self.max_steps:
+            out = self._train_fn(self.iterator)
+            step = self.step
+            window_images += self.global_batch * rt.steps_per_loop
+            loss = float(out["loss"].numpy())
+            if not math.isfinite(loss):
+                # The loss of step s is computed with the weights saved at step s - 1: if that
+                # checkpoint is the newest, it holds the weights that diverged.
+                if last_saved == step - 1 and self.manager.latest_checkpoint:
+                    last_good = self._discard_latest_checkpoint()
+                raise NonFiniteLossError(step, loss, last_good)
+            if step % rt.log_every == 0 or step >= self.max_steps:
+                elapsed = time.perf_counter() - window_start
+                ips = window_images / max(elapsed, 1e-9)
+                figures = {
+                    "loss": loss,
+                    "accuracy": float(out["correct"].numpy()) / self.global_batch,
+                    "learning_rate": float(self.schedule(step - 1)),
+                    "images_per_second": ips,
+                    "loss_scale": float(self._loss_scale().numpy()),
+                    "embedding_norm": float(out["norm_sum"].numpy()) / self.global_batch,
+                    "grad_norm": float(out["grad_norm"].numpy()),
+                }
+                with self.writer.as_default(step=step):
+                    for k, v in figures.items():
+                        tf.summary.scalar(f"train/{k}", v)
+                eta = (self.max_steps - step) * self.global_batch / max(ips, 1e-9)
+                self._log(
+                    f"step {step}/{self.max_steps} ({100.0 * step / self.max_steps:.0f}%) "
+                    f"loss {loss:.4f} acc {figures['accuracy']:.3f} lr {figures['learning_rate']:.5f} "
+                    f"{ips:.1f} img/s norm {figures['embedding_norm']:.2f} "
+                    f"scale {figures['loss_scale']:g} ETA {_format_seconds(eta)}"
+                )
+                self.history.append({"step": step, **figures})
+                window_start, window_images = time.perf_counter(), 0
+            if step % rt.checkpoint_every == 0 and step < self.max_steps:
+                last_good = self.save() or last_good
+                last_saved = step
+            if rt.verify_every and step % rt.verify_every == 0 and step < self.max_steps:
+                self._verify_and_log(step)
+        train_seconds = time.perf_counter() - run_start
+        if last_saved != self.step:
+            self.save()
+        results = self._verify_and_log(self.step)
+        self.writer.flush()
+        summary = {
+            "steps": self.step,
+            "train_seconds": train_seconds,
+            "verification": {k: v.to_dict() for k, v in results.items()},
+            "last": self.history[-1] if self.history else None,
+        }
+        summary["weights_digest"] = self.weights_digest()
+        if self.chief:
+            if rt.export:
+                self.export()
+            with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        else:
+            shutil.rmtree(self.manager.directory, ignore_errors=True)
+        return summary
+
+    def _verify_and_log(self, step: int) -> dict:
+        import tensorflow as tf
+
+        results = self.verify()
+        if not results:
+            return results
+        with self.writer.as_default(step=step):
+            for name, r in results.items():
+                tf.summary.scalar(f"verification/{name}/accuracy", r.accuracy)
+                tf.summary.scalar(f"verification/{name}/val_at_far_1e-3", r.val_at_far_1e3)
+        for r in results.values():
+            self._log(f"step {step} {r.line()} VAL@FAR=1e-3: {r.val_at_far_1e3:.5f}")
+        mean_acc = float(np.mean([r.accuracy for r in results.values()]))
+        if mean_acc > float(self.best_accuracy.numpy()):
+            self.best_accuracy.assign(mean_acc)
+            if self.chief:
+                self._save_backbone(os.path.join(self.output_dir, "best", "backbone.keras"))
+                self._log(f"step {step} new best mean verification accuracy {mean_acc:.5f}")
+        return results
+
+    def _save_backbone(self, path: str) -> None:
+        from facerec_tf.training.task import set_synchronized_batch_norm
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        set_synchronized_batch_norm(self.backbone, False)
+        tmp = path + ".tmp.keras"
+        self.backbone.save(tmp)
+        os.replace(tmp, path)
+        set_synchronized_batch_norm(self.backbone, self.config.model.sync_batch_norm)
+
+    def export(self) -> str:
+        from facerec_tf.export import export_saved_model
+
+        folder = os.path.join(self.output_dir, "export")
+        self._save_backbone(os.path.join(folder, "backbone.keras"))
+        export_saved_model(self.backbone, os.path.join(folder, "saved_model"))
+        self._log(f"exported the embedding model to {folder}")
+        return folder
