@@ -148,3 +148,24 @@ def test_yale_faces_embed(yale_dir):
     # The set holds byte-identical files (e.g. subject02.normal == subject02.noglasses): equal
     # files must give equal embeddings and different photographs different ones.
     assert len({e.tobytes() for e in emb}) == len(set(contents)) < len(files)
+
+
+def test_grouped_conv_equals_keras_grouped_conv():
+    """The depthwise-and-sum grouped convolution is Conv2D(groups=G) with re-laid-out weights."""
+    from facerec_tf.models.blocks import GroupedConv2D
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 9, 9, 8)).astype(np.float32)
+    ours = GroupedConv2D(12, 3, groups=4, strides=2, padding="valid")
+    ref = keras.layers.Conv2D(12, 3, strides=2, groups=4, use_bias=False)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    kernel = ours.kernel.numpy()  # [3, 3, 8, 3]: input channel g*2+k -> output j of group g
+    ref_kernel = np.zeros(ref.kernel.shape, np.float32)  # [3, 3, 2, 12]
+    for g in range(4):
+        for k in range(2):
+            for j in range(3):
+                ref_kernel[:, :, k, g * 3 + j] = kernel[:, :, g * 2 + k, j]
+    ref.kernel.assign(ref_kernel)
+    np.testing.assert_allclose(ours(x).numpy(), ref(x).numpy(), atol=1e-5)
+    assert ours.compute_output_shape(x.shape) == ref(x).shape

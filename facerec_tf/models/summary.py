@@ -30,9 +30,16 @@ def flops(model, batch_size: int = 1) -> int:
     the usual convention of the face-recognition literature; iresnet50 at 112x112 gives
     12.62 GFLOPs.
     """
+    from facerec_tf.models.blocks import GroupedConv2D
+
     total = 0
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if isinstance(layer, GroupedConv2D):
+            out = layer.output.shape
+            cin = layer.input.shape[-1] // layer.groups
+            k = layer.kernel_size
+            total += 2 * k * k * cin * out[1] * out[2] * out[3]
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
             kh, kw = layer.kernel_size
             out = layer.output.shape
             total += 2 * kh * kw * out[1] * out[2] * out[3]

@@ -13,8 +13,6 @@ from facerec_tf.config import TrainConfig
 from facerec_tf.errors import ConfigError
 
 SYNTHETIC = "synthetic"
-# Synthetic identities >= this offset are never trained on: they make the held-out pairs.
-SYNTHETIC_HOLDOUT_OFFSET = 1_000_000
 
 
 class FaceRecognitionTask:
@@ -93,11 +91,12 @@ class FaceRecognitionTask:
 
     # ---- data --------------------------------------------------------------------------------
     def dataset_fn(self, per_replica_batch: int):
-        """A ``dataset_fn(input_context)`` for ``distribute_datasets_from_function``."""
+        """``fn(input_context, start_batch=0)`` building one input pipeline's dataset of
+        per-replica batches, starting at batch ``start_batch`` of that pipeline."""
         d = self.config.data
         r = self.config.runtime
 
-        def fn(input_context=None):
+        def fn(input_context=None, start_batch=0):
             if d.source == SYNTHETIC:
                 from facerec_tf.data.synthetic import make_synthetic_dataset
 
@@ -107,6 +106,7 @@ class FaceRecognitionTask:
                     seed=r.seed,
                     input_context=input_context,
                     image_size=tuple(d.image_size),
+                    start_batch=start_batch,
                 )
             from facerec_tf.data.pipeline import AugmentConfig, make_tfrecord_dataset
 
@@ -123,6 +123,7 @@ class FaceRecognitionTask:
                 shuffle_buffer=d.shuffle_buffer,
                 input_context=input_context,
                 image_size=tuple(d.image_size),
+                skip_batches=start_batch,
             )
 
         return fn
@@ -132,14 +133,12 @@ class FaceRecognitionTask:
         d = self.config.data
         out = []
         if d.source == SYNTHETIC:
-            from facerec_tf.data.synthetic import synthetic_verification_set
+            from facerec_tf.data.synthetic import synthetic_verification_pairs
 
             if d.synthetic_verification_pairs > 0:
-                images, issame = synthetic_verification_set(
-                    d.synthetic_verification_pairs,
-                    identity_offset=SYNTHETIC_HOLDOUT_OFFSET,
-                    seed=self.config.runtime.seed + 1,
-                    image_size=tuple(d.image_size),
+                # held-out identities (ids far above the training labels), fixed seed
+                images, issame = synthetic_verification_pairs(
+                    d.synthetic_verification_pairs, seed=12345, image_size=tuple(d.image_size)
                 )
                 out.append(("synthetic_holdout", images, issame))
             return out

@@ -12,7 +12,8 @@ precision policy.
 Output folder layout::
 
     OUTPUT/config.json            resolved config (+ class/image counts)
-    OUTPUT/checkpoints/ckpt-N.*   model, head, optimiser slots, step, loss scale, data iterator
+    OUTPUT/checkpoints/ckpt-N.*   model, head, optimiser slots, step, loss scale (the data
+                                  position is a function of the step)
     OUTPUT/tensorboard/           loss, accuracy, lr, images/s, loss scale, embedding norm,
                                   verification accuracy per target
     OUTPUT/best/backbone.keras    best embedding model by mean verification accuracy
@@ -120,15 +121,14 @@ class Trainer:
                 -1.0, trainable=False, dtype=tf.float32, name="best_accuracy"
             )
 
-        self.dataset = strategy.distribute_datasets_from_function(
-            task.dataset_fn(self.per_replica_batch)
-        )
-        self.iterator = iter(self.dataset)
+        # The data position is a pure function of the step (see :meth:`_make_iterator`), so
+        # the checkpoint needs no iterator state (tf.distribute iterators over several
+        # devices are not trackable anyway).
+        self.iterator = None
         self.checkpoint = tf.train.Checkpoint(
             backbone=self.backbone,
             head=self.head,
             optimizer=self.optimizer,
-            iterator=self.iterator,
             best_accuracy=self.best_accuracy,
         )
         ckpt_dir = os.path.join(self.output_dir, "checkpoints")
@@ -216,6 +216,17 @@ class Trainer:
 
         return tf.function(loop, jit_compile=self.config.runtime.jit_compile or None)
 
+    def _make_iterator(self, step: int):
+        """A distributed iterator positioned at ``step``: every input pipeline skips the
+        ``step * replicas_per_pipeline`` per-replica batches that were already consumed."""
+        dataset_fn = self.task.dataset_fn(self.per_replica_batch)
+
+        def fn(input_context):
+            per_pipeline = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+            return dataset_fn(input_context, start_batch=step * per_pipeline)
+
+        return iter(self.strategy.distribute_datasets_from_function(fn))
+
     # ---- checkpoints -------------------------------------------------------------------------
     def restore(self) -> int:
         """Restore the latest checkpoint in the run folder (exactly); returns the step."""
@@ -228,7 +239,7 @@ class Trainer:
         except AssertionError as e:
             raise ResumeError(
                 f"checkpoint {path} does not hold the full training state (model, head, "
-                f"optimizer slots, step, data iterator); refusing to resume with partial state: {e}"
+                f"optimizer slots, step); refusing to resume with partial state: {e}"
             ) from e
         return self.step
 
@@ -249,7 +260,7 @@ class Trainer:
         bad = paths.pop()
         for f in glob.glob(bad + ".*"):
             os.remove(f)
-        tf.train.update_checkpoint_state(
+        tf.compat.v1.train.update_checkpoint_state(
             self.manager.directory,
             model_checkpoint_path=paths[-1] if paths else "",
             all_model_checkpoint_paths=paths,
@@ -257,11 +268,12 @@ class Trainer:
         return paths[-1] if paths else None
 
     def weights_digest(self) -> str:
-        """sha256 of every backbone and head weight (to compare replicas, workers and runs)."""
+        """sha256 of the trainable weights (kept identical on every replica and worker; BN
+        moving statistics are per replica, as in insightface, and left out)."""
         import hashlib
 
         h = hashlib.sha256()
-        for v in self.backbone.weights + self.head.weights:
+        for v in self.variables:
             h.update(np.ascontiguousarray(v.numpy()).tobytes())
         return h.hexdigest()
 
@@ -333,6 +345,7 @@ class Trainer:
             f"{self.strategy.num_replicas_in_sync} replica(s) x batch {self.per_replica_batch}, "
             f"{self.max_steps} of {self.total_steps} steps, precision {rt.precision}"
         )
+        self.iterator = self._make_iterator(self.step)
         last_good = self.manager.latest_checkpoint
         window_start, window_images = time.perf_counter(), 0
         run_start = time.perf_counter()
@@ -429,10 +442,10 @@ class Trainer:
         set_synchronized_batch_norm(self.backbone, self.config.model.sync_batch_norm)
 
     def export(self) -> str:
-        from facerec_tf.export import export_saved_model
+        from facerec_tf.export import export_for_serving
 
         folder = os.path.join(self.output_dir, "export")
         self._save_backbone(os.path.join(folder, "backbone.keras"))
-        export_saved_model(self.backbone, os.path.join(folder, "saved_model"))
+        export_for_serving(self.backbone, os.path.join(folder, "saved_model"), overwrite=True)
         self._log(f"exported the embedding model to {folder}")
         return folder
