@@ -528,7 +528,7 @@ def make_tfrecord_dataset(
     ds = epochs.flat_map(epoch_files)
     cycle = max(1, min(int(cycle_length), num_files))
     ds = ds.interleave(
-        lambda f: tf.data.TFRecordDataset(f, buffer_size=1 << 20),
+        tf.data.TFRecordDataset,
         cycle_length=cycle,
         block_length=1,
         **({"num_parallel_calls": parallel, "deterministic": deterministic} if cycle > 1 else {}),

@@ -579,6 +579,19 @@ def make_synthetic_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+_GRAPH_RENDER = None
+
+
+def _graph_render():
+    """:func:`render_faces` as one ``tf.function`` shared by every call in this process
+    (traced once per image size and config; seeds are tensors, batch sizes relaxed)."""
+    global _GRAPH_RENDER
+    if _GRAPH_RENDER is None:
+        tf = _tf()
+        _GRAPH_RENDER = tf.function(render_faces, reduce_retracing=True, autograph=False)
+    return _GRAPH_RENDER
+
+
 def _pair_plan(num_pairs: int, num_identities: int, seed: int):
     """``(identity index [2N], issame bool [N])``: half same pairs, half different, shuffled."""
     if num_pairs < 2:
@@ -638,20 +651,17 @@ def synthetic_verification_pairs(
     height, width = int(image_size[0]), int(image_size[1])
     out = np.empty((ids.size, height, width, 3), dtype=np.uint8)
 
-    @tf.function(
-        input_signature=[
-            tf.TensorSpec([None], tf.int64),
-            tf.TensorSpec([None], tf.int64),
-        ]
-    )
-    def render(i, k):
-        return render_faces(
-            i, k, seed=seed, identity_seed=identity_seed, image_size=image_size, config=config
-        )
-
+    render = _graph_render()
     for lo in range(0, ids.size, batch_size):
         hi = min(lo + batch_size, ids.size)
-        out[lo:hi] = render(tf.constant(ids[lo:hi]), tf.constant(keys[lo:hi])).numpy()
+        out[lo:hi] = render(
+            tf.constant(ids[lo:hi]),
+            tf.constant(keys[lo:hi]),
+            seed=tf.constant(seed, tf.int64),
+            identity_seed=tf.constant(identity_seed, tf.int64),
+            image_size=(height, width),
+            config=config or SyntheticConfig(),
+        ).numpy()
     return (out, issame, ids) if return_identities else (out, issame)
 
 

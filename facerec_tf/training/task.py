@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 
 from facerec_tf.config import TrainConfig
 from facerec_tf.errors import ConfigError
@@ -21,23 +22,30 @@ class FaceRecognitionTask:
     def __init__(self, config: TrainConfig):
         self.config = config
         self.manifest = None
+        self._warned: set[str] = set()
         if config.data.source != SYNTHETIC:
             from facerec_tf.data.pipeline import read_manifest
 
             self.manifest = read_manifest(config.data.source)
 
     # ---- sizes -----------------------------------------------------------------------------
+    def _from_manifest(self, key: str, manifest_key: str) -> int:
+        """The manifest is authoritative; a preset value that disagrees is reported."""
+        n = int(self.manifest[manifest_key])
+        configured = getattr(self.config.data, key)
+        if configured and configured != n and key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"config key 'data.{key}' is {configured} but the manifest of "
+                f"{self.config.data.source} says {n}: using {n}",
+                stacklevel=3,
+            )
+        return n
+
     @property
     def num_classes(self) -> int:
         if self.manifest is not None:
-            n = int(self.manifest["num_classes"])
-            if self.config.data.num_classes and self.config.data.num_classes != n:
-                raise ConfigError(
-                    f"{self.config.data.num_classes} set, but the manifest of "
-                    f"{self.config.data.source} says {n}",
-                    key="data.num_classes",
-                )
-            return n
+            return self._from_manifest("num_classes", "num_classes")
         if self.config.data.num_classes <= 0:
             raise ConfigError("must be > 0 for the synthetic source", key="data.num_classes")
         return self.config.data.num_classes
@@ -45,7 +53,7 @@ class FaceRecognitionTask:
     @property
     def num_images(self) -> int:
         if self.manifest is not None:
-            return int(self.manifest["num_images"])
+            return self._from_manifest("num_images", "num_images")
         if self.config.data.num_images <= 0:
             raise ConfigError("must be > 0 for the synthetic source", key="data.num_images")
         return self.config.data.num_images
@@ -113,7 +121,7 @@ class FaceRecognitionTask:
             augment = AugmentConfig(
                 random_flip=d.random_flip, color_jitter=d.color_jitter, cutout=d.cutout
             )
-            return make_tfrecord_dataset(
+            ds = make_tfrecord_dataset(
                 d.source,
                 per_replica_batch,
                 training=True,
@@ -123,8 +131,10 @@ class FaceRecognitionTask:
                 shuffle_buffer=d.shuffle_buffer,
                 input_context=input_context,
                 image_size=tuple(d.image_size),
-                skip_batches=start_batch,
             )
+            # Resume: replay the pipeline up to the step (exact when runtime.deterministic;
+            # it reads and decodes the skipped batches, so it costs one pass over them).
+            return ds.skip(start_batch) if start_batch else ds
 
         return fn
 
