@@ -15,101 +15,92 @@ import keras
 import tensorflow as tf
 
 
-def _warmup(step, base_lr, warmup_steps):
-    return base_lr * step / max(float(warmup_steps), 1.0)
+class _WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to ``base_lr`` over ``warmup_steps``, then :meth:`decayed`.
 
+    ``get_config`` returns the constructor arguments given to :meth:`_remember`.
+    """
 
-@keras.saving.register_keras_serializable(package="facerec_tf")
-class WarmupPolynomialDecay(keras.optimizers.schedules.LearningRateSchedule):
-    def __init__(self, base_lr, total_steps, warmup_steps=0, power=2.0, end_lr=0.0):
-        self.base_lr = float(base_lr)
-        self.total_steps = int(total_steps)
-        self.warmup_steps = int(warmup_steps)
-        self.power = float(power)
-        self.end_lr = float(end_lr)
-        if self.total_steps <= self.warmup_steps:
+    def _remember(self, **config):
+        self._config = config
+        self.base_lr = float(config["base_lr"])
+        self.warmup_steps = int(config.get("warmup_steps", 0))
+        total = config.get("total_steps")
+        if total is not None and int(total) <= self.warmup_steps:
             raise ValueError(
-                f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})"
+                f"total_steps ({total}) must exceed warmup_steps ({self.warmup_steps})"
             )
 
+    def _progress(self, step):
+        """Fraction of the decay phase done, clipped to [0, 1]."""
+        decay_steps = float(self.total_steps - self.warmup_steps)
+        return tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+
+    def decayed(self, step):
+        raise NotImplementedError
+
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        decay_steps = float(self.total_steps - self.warmup_steps)
-        t = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
-        decayed = (self.base_lr - self.end_lr) * tf.pow(1.0 - t, self.power) + self.end_lr
-        return tf.where(
-            step < self.warmup_steps, _warmup(step, self.base_lr, self.warmup_steps), decayed
-        )
+        warm = self.base_lr * step / max(float(self.warmup_steps), 1.0)
+        return tf.where(step < self.warmup_steps, warm, self.decayed(step))
 
     def get_config(self):
-        return dict(
-            base_lr=self.base_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            power=self.power,
-            end_lr=self.end_lr,
-        )
+        return dict(self._config)
 
 
 @keras.saving.register_keras_serializable(package="facerec_tf")
-class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+class WarmupPolynomialDecay(_WarmupSchedule):
+    def __init__(self, base_lr, total_steps, warmup_steps=0, power=2.0, end_lr=0.0):
+        self._remember(
+            base_lr=float(base_lr),
+            total_steps=int(total_steps),
+            warmup_steps=int(warmup_steps),
+            power=float(power),
+            end_lr=float(end_lr),
+        )
+        self.total_steps, self.power, self.end_lr = int(total_steps), float(power), float(end_lr)
+
+    def decayed(self, step):
+        t = self._progress(step)
+        return (self.base_lr - self.end_lr) * tf.pow(1.0 - t, self.power) + self.end_lr
+
+
+@keras.saving.register_keras_serializable(package="facerec_tf")
+class StepDecay(_WarmupSchedule):
     def __init__(self, base_lr, boundaries, factor=0.1, warmup_steps=0):
-        self.base_lr = float(base_lr)
         self.boundaries = [int(b) for b in boundaries]
-        self.factor = float(factor)
-        self.warmup_steps = int(warmup_steps)
         if self.boundaries != sorted(self.boundaries):
             raise ValueError(f"boundaries must be increasing, got {self.boundaries}")
+        self._remember(
+            base_lr=float(base_lr),
+            boundaries=self.boundaries,
+            factor=float(factor),
+            warmup_steps=int(warmup_steps),
+        )
+        self.factor = float(factor)
 
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
+    def decayed(self, step):
         passed = 0.0
         if self.boundaries:
             bounds = tf.constant(self.boundaries, tf.float32)
             passed = tf.reduce_sum(tf.cast(step >= bounds, tf.float32))
-        lr = self.base_lr * tf.pow(self.factor, passed)
-        return tf.where(
-            step < self.warmup_steps, _warmup(step, self.base_lr, self.warmup_steps), lr
-        )
-
-    def get_config(self):
-        return dict(
-            base_lr=self.base_lr,
-            boundaries=self.boundaries,
-            factor=self.factor,
-            warmup_steps=self.warmup_steps,
-        )
+        return self.base_lr * tf.pow(self.factor, passed)
 
 
 @keras.saving.register_keras_serializable(package="facerec_tf")
-class WarmupCosineDecay(keras.optimizers.schedules.LearningRateSchedule):
+class WarmupCosineDecay(_WarmupSchedule):
     def __init__(self, base_lr, total_steps, warmup_steps=0, end_lr=0.0):
-        self.base_lr = float(base_lr)
-        self.total_steps = int(total_steps)
-        self.warmup_steps = int(warmup_steps)
-        self.end_lr = float(end_lr)
-        if self.total_steps <= self.warmup_steps:
-            raise ValueError(
-                f"total_steps ({total_steps}) must exceed warmup_steps ({warmup_steps})"
-            )
+        self._remember(
+            base_lr=float(base_lr),
+            total_steps=int(total_steps),
+            warmup_steps=int(warmup_steps),
+            end_lr=float(end_lr),
+        )
+        self.total_steps, self.end_lr = int(total_steps), float(end_lr)
 
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        t = tf.clip_by_value(
-            (step - self.warmup_steps) / float(self.total_steps - self.warmup_steps), 0.0, 1.0
-        )
-        decayed = self.end_lr + 0.5 * (self.base_lr - self.end_lr) * (1.0 + tf.cos(math.pi * t))
-        return tf.where(
-            step < self.warmup_steps, _warmup(step, self.base_lr, self.warmup_steps), decayed
-        )
-
-    def get_config(self):
-        return dict(
-            base_lr=self.base_lr,
-            total_steps=self.total_steps,
-            warmup_steps=self.warmup_steps,
-            end_lr=self.end_lr,
-        )
+    def decayed(self, step):
+        t = self._progress(step)
+        return self.end_lr + 0.5 * (self.base_lr - self.end_lr) * (1.0 + tf.cos(math.pi * t))
 
 
 def build_schedule(schedule_config, steps_per_epoch: int, total_steps: int):
