@@ -131,7 +131,8 @@ def _dataset_preset(dataset, classes, images, backbone, epochs=20, warmup=0.0, *
 
 
 def _quickstart():
-    # A 2-core CPU run of a few minutes on the synthetic source (see README for the figures).
+    # A 2-core CPU run of a few minutes on the synthetic source: 400 steps of 64 images at
+    # 64x64 (see README for the measured time and held-out accuracy).
     return from_dict(
         {
             "data": {
@@ -140,13 +141,20 @@ def _quickstart():
                 "num_classes": 1000,
                 "num_images": 64000,
                 "batch_size": 64,
+                "image_size": [64, 64],
                 "verification_targets": ["synthetic_holdout"],
+                "synthetic_verification_pairs": 2000,
             },
-            "model": {"backbone": "mobilefacenet", "embedding_size": 128},
+            "model": {"backbone": "mobilefacenet_small", "embedding_size": 128},
             "head": {"name": "arcface", "scale": 32.0, "m2": 0.3},
             "optimizer": {"weight_decay": 5e-4, "clip_norm": 5.0},
-            "schedule": {"base_lr": 0.1, "epochs": 4, "warmup_epochs": 0.25},
-            "runtime": {"checkpoint_every": 250, "log_every": 25, "verify_every": 500},
+            "schedule": {
+                "name": "cosine",
+                "base_lr": 0.1,
+                "total_steps": 400,
+                "warmup_epochs": 0.05,
+            },
+            "runtime": {"checkpoint_every": 100, "log_every": 25, "verify_every": 200},
         }
     )
 

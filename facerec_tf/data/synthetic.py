@@ -20,10 +20,13 @@ Each image is a pure function of three integers::
   colour cast), an optional occluding patch, and per-pixel noise.
 
 The face is evaluated analytically on the pixel grid after the sample's inverse affine
-transform (no image warping), with anti-aliased soft edges, for a whole batch at once.
-The random numbers come from a 32-bit integer hash (``lowbias32``), not from TensorFlow's
-RNG ops, so everything is stateless, vectorised and identical on every platform; datasets
-built on it are deterministic, need no RNG state in checkpoints, and have static shapes.
+transform (no image warping), with anti-aliased soft edges, for a whole batch at once, at
+any resolution (render directly at 64x64 for a fast CPU run). The random numbers come from a
+32-bit integer hash (``lowbias32``), not from TensorFlow's RNG ops, so everything is
+stateless and vectorised; datasets built on it are deterministic, need no RNG state in
+checkpoints, and have static shapes. The identity parameters are bit-exact everywhere; the
+pixels are float computations, so two execution modes (eager vs a ``tf.data`` graph after
+Grappler's rewrites, XLA, another device) may round a rare pixel differently by 1.
 
 Public API:
 
@@ -31,9 +34,14 @@ Public API:
 * :func:`make_synthetic_dataset`: an infinite ``(images uint8 [B, H, W, 3], labels int32
   [B])`` training dataset over identities ``[identity_offset, identity_offset +
   num_classes)`` (labels ``0 .. num_classes - 1``), sharded per worker.
-* :func:`synthetic_verification_pairs` (alias :func:`synthetic_verification_set`) and
-  :func:`write_synthetic_bin`: verification pairs over held-out identities, as arrays or as
-  an insightface ``.bin`` file.
+* :func:`synthetic_verification_pairs` (arrays), :func:`synthetic_verification_set` (a
+  :class:`~facerec_tf.data.verification_bin.VerificationSet` of JPEGs) and
+  :func:`write_synthetic_bin` (an insightface ``.bin``): pairs of held-out identities.
+
+Learnability (measured with the defaults, 1000 training identities rendered at 64x64, 2000
+held-out pairs, 10-fold best-threshold accuracy): cosine similarity of raw pixels scores
+~0.63-0.72, while MobileFaceNet (``width_scale=1``, 128-d) + ArcFace trained with AdamW for
+400 steps of 64 images (~6-7 CPU-minutes on 2 cores) scores ~0.97-0.98.
 """
 
 from __future__ import annotations
@@ -77,8 +85,9 @@ class SyntheticConfig:
 
     The defaults were tuned so that a small CNN with an ArcFace head reaches >= 95%
     verification accuracy on held-out identities within minutes of CPU training, while
-    cosine similarity of raw pixels stays far lower (see the module docstring of the
-    project's quickstart for the measured figures).
+    cosine similarity of raw pixels stays far lower (figures in the module docstring).
+    ``SyntheticConfig(**{f.name: 0.0 for f in dataclasses.fields(SyntheticConfig)})``
+    turns every nuisance off: an image then depends on its identity only.
 
     Attributes:
         shift: maximum translation, as a fraction of the half image size.
@@ -96,17 +105,17 @@ class SyntheticConfig:
         background: strength of the random background colour and gradient (0: plain grey).
     """
 
-    shift: float = 0.08
-    scale: float = 0.12
-    rotation: float = 8.0
-    yaw: float = 0.06
-    gain: float = 0.25
-    bias: float = 20.0
-    gradient: float = 0.35
-    color_cast: float = 0.1
-    noise: float = 6.0
+    shift: float = 0.06
+    scale: float = 0.08
+    rotation: float = 6.0
+    yaw: float = 0.05
+    gain: float = 0.2
+    bias: float = 15.0
+    gradient: float = 0.3
+    color_cast: float = 0.06
+    noise: float = 5.0
     expression: float = 1.0
-    occlusion: float = 0.1
+    occlusion: float = 0.05
     background: float = 1.0
 
 
@@ -567,8 +576,7 @@ def make_synthetic_dataset(
 
     ds = tf.data.Dataset.range(int(start_batch), 2**62)
     ds = ds.map(
-        # Plain TF code with no data-dependent Python control flow: skipping AutoGraph's
-        # source conversion makes building the dataset several times faster.
+        # Plain TF code without data-dependent Python control flow: no AutoGraph needed.
         tf.autograph.experimental.do_not_convert(render),
         num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE,
         deterministic=deterministic,

@@ -18,6 +18,8 @@ BACKBONES: dict[str, tuple[type, dict]] = {
     "ir_se50": (IResNetBackbone, {"depth": 50, "se": True}),
     "ir_se100": (IResNetBackbone, {"depth": 100, "se": True}),
     "mobilefacenet": (MobileFaceNetBackbone, {}),
+    # half width (arcface_torch scale=1): the CPU quickstart backbone
+    "mobilefacenet_small": (MobileFaceNetBackbone, {"width_scale": 1}),
 }
 
 # Names insightface users type, mapped to ours.
