@@ -120,11 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         import facerec_tf  # noqa: F401
     except ImportError:  # run from a checkout whose package is not installed
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from facerec_tf.cli import run_main
     from facerec_tf.data.convert import ReencodeWarning, convert, verify_output
     from facerec_tf.errors import DataFormatError
 
     progress = False if args.no_progress else None
-    try:
+
+    def body() -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReencodeWarning)
             if args.verify is not None:
@@ -155,24 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{len(m['shards'])} shards ({total / 2**20:.1f} MiB) in {args.output}"
         )
         return 0
-    except DataFormatError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for a traceback)", file=sys.stderr)
-        return 1
+
+    return run_main(body, debug=args.debug, bad_input=(DataFormatError, ValueError))
 
 
 if __name__ == "__main__":

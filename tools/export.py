@@ -122,10 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         import facerec_tf  # noqa: F401
     except ImportError:  # run from a checkout whose package is not installed
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from facerec_tf.cli import run_main
     from facerec_tf.errors import FacerecError
     from facerec_tf.export import export_model, resolve_model_path
 
-    try:
+    def body() -> int:
         resolve_model_path(args.model)  # fails fast, before TensorFlow is imported
         options: dict = {}
         if args.format == "saved_model":
@@ -147,19 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"wrote {args.format} export to {written}")
         return 0
-    except (FileNotFoundError, FacerecError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:
-        if args.debug:
-            raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for a traceback)", file=sys.stderr)
-        return 1
+
+    return run_main(body, debug=args.debug, bad_input=(FileNotFoundError, FacerecError))
 
 
 if __name__ == "__main__":
