@@ -29,10 +29,13 @@ class FaceRecognitionTask:
             self.manifest = read_manifest(config.data.source)
 
     # ---- sizes -----------------------------------------------------------------------------
-    def _from_manifest(self, key: str, manifest_key: str) -> int:
+    def _from_manifest(self, key: str, manifest_key: str):
         """The manifest is authoritative; a preset value that disagrees is reported."""
-        n = int(self.manifest[manifest_key])
+        n = self.manifest[manifest_key]
+        n = tuple(int(v) for v in n) if isinstance(n, list) else int(n)
         configured = getattr(self.config.data, key)
+        if isinstance(configured, list):
+            configured = tuple(configured)
         if configured and configured != n and key not in self._warned:
             self._warned.add(key)
             warnings.warn(
@@ -58,6 +61,23 @@ class FaceRecognitionTask:
             raise ConfigError("must be > 0 for the synthetic source", key="data.num_images")
         return self.config.data.num_images
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """The model's input size: the images' size from the manifest (the pipeline does not
+        resize), else ``data.image_size``."""
+        if self.manifest is not None:
+            return self._from_manifest("image_size", "image_size")
+        return tuple(int(v) for v in self.config.data.image_size)
+
+    @property
+    def dataset_name(self) -> str:
+        """For logs: ``data.dataset``, or the data folder's name when a preset's name
+        (``synthetic``) was left on a real dataset."""
+        d = self.config.data
+        if d.source != SYNTHETIC and d.dataset == SYNTHETIC:
+            return os.path.basename(os.path.normpath(d.source))
+        return d.dataset
+
     def steps(self, global_batch: int) -> tuple[int, int]:
         """(steps_per_epoch, total_steps)."""
         per_epoch = max(1, self.num_images // global_batch)
@@ -71,7 +91,7 @@ class FaceRecognitionTask:
         from facerec_tf.models import create_backbone
 
         m = self.config.model
-        h, w = self.config.data.image_size
+        h, w = self.image_size
         backbone = create_backbone(
             m.backbone, embedding_size=m.embedding_size, dropout=m.dropout, input_shape=(h, w, 3)
         )
@@ -113,7 +133,7 @@ class FaceRecognitionTask:
                     per_replica_batch,
                     seed=r.seed,
                     input_context=input_context,
-                    image_size=tuple(d.image_size),
+                    image_size=self.image_size,
                     start_batch=start_batch,
                 )
             from facerec_tf.data.pipeline import AugmentConfig, make_tfrecord_dataset
@@ -130,7 +150,7 @@ class FaceRecognitionTask:
                 deterministic=r.deterministic,
                 shuffle_buffer=d.shuffle_buffer,
                 input_context=input_context,
-                image_size=tuple(d.image_size),
+                image_size=self.image_size,
             )
             # Resume: replay the pipeline up to the step (exact when runtime.deterministic;
             # it reads and decodes the skipped batches, so it costs one pass over them).
@@ -148,7 +168,7 @@ class FaceRecognitionTask:
             if d.synthetic_verification_pairs > 0:
                 # held-out identities (ids far above the training labels), fixed seed
                 images, issame = synthetic_verification_pairs(
-                    d.synthetic_verification_pairs, seed=12345, image_size=tuple(d.image_size)
+                    d.synthetic_verification_pairs, seed=12345, image_size=self.image_size
                 )
                 out.append(("synthetic_holdout", images, issame))
             return out
@@ -159,7 +179,7 @@ class FaceRecognitionTask:
             path = os.path.join(folder, f"{name}.bin")
             if os.path.exists(path):
                 vset = load_bin(path)
-                out.append((name, decode_pairs(vset, image_size=tuple(d.image_size)), vset.issame))
+                out.append((name, decode_pairs(vset, image_size=self.image_size), vset.issame))
         return out
 
     def describe(self) -> dict:

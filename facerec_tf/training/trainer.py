@@ -312,6 +312,7 @@ class Trainer:
         resolved["resolved"] = {
             "num_classes": self.task.num_classes,
             "num_images": self.task.num_images,
+            "image_size": list(self.task.image_size),
             "replicas": self.strategy.num_replicas_in_sync,
             "global_batch": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch,
@@ -341,7 +342,8 @@ class Trainer:
             )
         self._log(
             f"training {self.config.model.backbone} + {self.config.head.name} on "
-            f"{self.config.data.dataset} ({self.task.num_classes} classes, {self.task.num_images} images): "
+            f"{self.task.dataset_name} ({self.task.num_classes} classes, {self.task.num_images} "
+            f"images at {self.task.image_size[0]}x{self.task.image_size[1]}): "
             f"{self.strategy.num_replicas_in_sync} replica(s) x batch {self.per_replica_batch}, "
             f"{self.max_steps} of {self.total_steps} steps, precision {rt.precision}"
         )
