@@ -56,6 +56,15 @@ def test_step_and_cosine_schedules():
         assert float(clone(15)) == float(sched(15))
 
 
+def test_warmup_as_long_as_the_run_is_a_config_error_naming_the_key():
+    from facerec_tf.errors import ConfigError
+
+    cfg = ScheduleConfig(name="cosine", base_lr=0.1, warmup_epochs=0.05)
+    with pytest.raises(ConfigError, match=r"'schedule.warmup_epochs'.*400 steps.*400 steps"):
+        build_schedule(cfg, steps_per_epoch=8000, total_steps=400)
+    assert build_schedule(cfg, steps_per_epoch=8000, total_steps=401).warmup_steps == 400
+
+
 def test_coupled_sgd_equals_torch_sgd_with_weight_decay():
     """Three steps of torch SGD(lr, momentum=0.9, weight_decay=wd): buf = mu*buf + g + wd*w;
     w -= lr*buf. Keras SGD + our coupled decay must give the same weights."""

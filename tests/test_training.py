@@ -92,7 +92,7 @@ def checkpoint_arrays(folder, step=None):
     keys = [
         k
         for k in reader.get_variable_to_shape_map()
-        if k.startswith(("backbone/", "head/", "optimizer/"))
+        if k.startswith(("backbone/", "head/", "optimizer/", "rng/"))
     ]
     assert keys
     return {k: reader.get_tensor(k) for k in sorted(keys)}
@@ -221,6 +221,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
         "schedule.name=polynomial",
         "schedule.warmup_epochs=0.01",
         "optimizer.clip_norm=5",
+        "model.dropout=0.2",  # the dropout RNG state must be restored too
     ]
     reference = subprocess.Popen(
         train_cmd(tmp_path / "ref", *extra, max_steps=steps),
@@ -257,6 +258,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     assert reference.returncode == 0, r_err[-3000:]
     a, b = checkpoint_arrays(tmp_path / "ref", steps), checkpoint_arrays(victim_dir, steps)
     assert a.keys() == b.keys() and any("optimizer/" in k for k in a)  # slots are in there
+    assert any(k.startswith("rng/") for k in a)  # and the dropout seed state
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
     assert digest(resumed.stdout) == digest(r_out)

@@ -105,8 +105,16 @@ class WarmupCosineDecay(_WarmupSchedule):
 
 def build_schedule(schedule_config, steps_per_epoch: int, total_steps: int):
     """The schedule described by a :class:`facerec_tf.config.ScheduleConfig`."""
+    from facerec_tf.errors import ConfigError
+
     c = schedule_config
     warmup = round(c.warmup_epochs * steps_per_epoch)
+    if c.name in ("polynomial", "cosine") and warmup >= total_steps:
+        raise ConfigError(
+            f"{c.warmup_epochs} epochs of warmup are {warmup} steps ({steps_per_epoch} per "
+            f"epoch), not fewer than the run's {total_steps} steps",
+            key="schedule.warmup_epochs",
+        )
     if c.name == "polynomial":
         return WarmupPolynomialDecay(c.base_lr, total_steps, warmup, c.power, c.end_lr)
     if c.name == "cosine":
@@ -117,4 +125,6 @@ def build_schedule(schedule_config, steps_per_epoch: int, total_steps: int):
         )
     if c.name == "constant":
         return StepDecay(c.base_lr, [], 1.0, warmup)
-    raise ValueError(f"unknown schedule {c.name!r}")
+    raise ConfigError(
+        f"unknown schedule {c.name!r} (polynomial, cosine, step, constant)", key="schedule.name"
+    )

@@ -130,6 +130,11 @@ class Trainer:
             head=self.head,
             optimizer=self.optimizer,
             best_accuracy=self.best_accuracy,
+            # Keras' seed-generator states (dropout): not tracked by the model's checkpoint
+            # dependencies, yet needed for an exact resume.
+            rng=tf.train.Checkpoint(
+                **{f"state{i}": v.value for i, v in enumerate(_seed_states(self.backbone))}
+            ),
         )
         ckpt_dir = os.path.join(self.output_dir, "checkpoints")
         if not self.chief:  # non-chief workers save to a scratch folder (collective op)
@@ -451,3 +456,8 @@ class Trainer:
         export_for_serving(self.backbone, os.path.join(folder, "saved_model"), overwrite=True)
         self._log(f"exported the embedding model to {folder}")
         return folder
+
+
+def _seed_states(model) -> list:
+    """The seed-generator state variables of ``model`` (one per Dropout layer), in layer order."""
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
