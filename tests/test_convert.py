@@ -258,6 +258,48 @@ def test_example_and_framing_match_tensorflow(tmp_path):
     assert (stats.num_records, stats.label_min, stats.label_max) == (4, 0, 2**40)
 
 
+def test_batched_and_background_writing_give_the_same_bytes(tmp_path):
+    """``write_examples`` (the converter's path) and the helper-thread writer produce exactly
+    the bytes of ``write(encode_example(...))``, which the test above checks against TF."""
+    rng = np.random.default_rng(0)
+    sizes = [0, 1, 127, 128, 16383, 16384, 300000, *rng.integers(2, 9000, 400).tolist()]
+    images = [b"\xff\xd8" + rng.bytes(n) for n in sizes]
+    labels = [0, 1, 127, 128, 2**40, 85741, -1, *rng.integers(0, 2**20, 400).tolist()]
+    keys = [0, 16383, 16384, 2**63 - 1, -5, 7, 9, *rng.integers(0, 2**33, 400).tolist()]
+    with TFRecordWriter(tmp_path / "ref.tfrecord") as w:
+        for image, label, key in zip(images, labels, keys):
+            w.write(encode_example(image, label, key))
+    ref = (tmp_path / "ref.tfrecord").read_bytes()
+    for background in (False, True):
+        path = tmp_path / f"batched-{background}.tfrecord"
+        w = TFRecordWriter(path, block_size=64 << 10, background=background)
+        for i in range(0, len(images), 37):
+            w.write_examples(images[i : i + 37], labels[i : i + 37], keys[i : i + 37])
+        digest = w.sha256  # waits for the helper thread
+        w.close(fsync=True)
+        assert path.read_bytes() == ref
+        assert digest == w.sha256 == sha(ref) and w.bytes == len(ref) and w.num_records == 407
+
+
+def test_background_writer_reraises_write_errors(tmp_path):
+    class Broken:
+        closed = False
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+
+    w = TFRecordWriter(tmp_path / "x.tfrecord", block_size=1024, background=True)
+    w._f.close()
+    w._f = Broken()
+    w.write_examples([b"\xff\xd8" + b"x" * 4000] * 3, [1, 2, 3], [1, 2, 3])
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    assert w._thread is None  # the helper thread was stopped
+
+
 def test_masked_crc_and_decode_errors(tmp_path):
     assert masked_crc32c(b"") == 0xA282EAD8  # crc32c("") == 0, then masked
     assert frame_record(b"abc")[:8] == struct.pack("<Q", 3)

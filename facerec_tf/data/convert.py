@@ -71,6 +71,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from facerec_tf.data import schema
+from facerec_tf.data.rec_batch import check_records
 from facerec_tf.data.recordio import MAGIC, RecDataset, RecordIOReader, read_property
 from facerec_tf.data.tfrecord import TFRecordWriter, encode_example, verify_shard
 from facerec_tf.errors import (
@@ -101,6 +102,8 @@ REENCODE_QUALITY = 95
 # Bytes a record adds to its image in a shard: TFRecord framing (16) + Example fields (~60).
 _RECORD_OVERHEAD = 80
 _PROGRESS_EVERY = 512  # records between progress reports / abort checks in a worker
+_BATCH = 1024  # records checked at once by the vectorised fast path (and progress step)
+_MAX_BATCH_RECORD = 1 << 20  # larger records (by .idx extent) take the per-record path
 
 
 class ReencodeWarning(UserWarning):
@@ -646,6 +649,51 @@ class _ImageReader:
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._size = os.fstat(self._fd).st_size
         self._read_size = max(64, read_size)
+        # The batch fast path reads whole records into one reused buffer (O(batch) memory;
+        # a memory map would put every page it touches, and its neighbours, in the RSS).
+        self._batch_ok = hasattr(os, "preadv") and self.reader.idx_path is not None
+        self._buf = np.empty(0, dtype=np.uint8)
+
+    def read_batch(
+        self, keys: np.ndarray, labels: np.ndarray, expected_size, max_side: int
+    ) -> list[bytes | None] | None:
+        """The JPEG payloads of many records: ``None`` for each record that did not pass
+        :func:`facerec_tf.data.rec_batch.check_records` (the caller sends it through
+        :meth:`read_image`), or ``None`` for the batch where ``preadv`` is missing."""
+        if not self._batch_ok:
+            return None
+        offsets = self.reader.offsets_of(keys)
+        extents = self.reader.extents_of(keys)
+        lengths = np.where((extents >= 32) & (extents <= _MAX_BATCH_RECORD), extents, 0)
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        total = int(ends[-1]) if ends.size else 0
+        if self._buf.size < total:
+            self._buf = np.empty(max(total, 2 * self._buf.size), dtype=np.uint8)
+        view = memoryview(self._buf)
+        fd = self._fd
+        preadv = os.preadv
+        got = np.fromiter(
+            (
+                preadv(fd, [view[a : a + n]], off) if n else 0
+                for a, n, off in zip(starts.tolist(), lengths.tolist(), offsets.tolist())
+            ),
+            dtype=np.int64,
+            count=int(keys.size),
+        )
+        ok, first, last = check_records(
+            self._buf,
+            starts,
+            labels,
+            limits=starts + got,
+            expected_size=expected_size,
+            max_side=max_side,
+        )
+        ok &= (lengths > 0) & (got == lengths)
+        return [
+            bytes(view[a:b]) if good else None
+            for good, a, b in zip(ok.tolist(), first.tolist(), last.tolist())
+        ]
 
     def read_image(self, key: int, label: int) -> tuple[bytes, int]:
         """``(payload, record_offset)`` of image record ``key``, whose label must be ``label``."""
@@ -684,6 +732,7 @@ class _ImageReader:
         return rec.payload, rec.offset
 
     def close(self) -> None:
+        self._buf = np.empty(0, dtype=np.uint8)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -738,7 +787,7 @@ def _write_shard(
     should_abort: Callable[[], bool] | None,
 ) -> _ShardResult:
     """Write ``task``'s shard to its temp file and move it into place when complete."""
-    writer = TFRecordWriter(task.tmp_path)
+    writer = TFRecordWriter(task.tmp_path, background=True)
     reencoded: list[str] = []
     try:
         if source.kind == "rec":
@@ -797,23 +846,45 @@ def _fill_from_rec(
     report: Callable[[int], Any] | None,
     should_abort: Callable[[], bool] | None,
 ) -> None:
-    """The hot loop: read by offset, check the JPEG header, encode, append."""
-    read_image = reader.read_image
-    write = writer.write
+    """The hot loop: read by offset, check the JPEG header, encode, append.
+
+    Records are checked a batch at a time by :func:`check_records`; the few it does not
+    pass (split records, unusual JPEG headers, errors) go through the per-record path, which
+    accepts them or raises the precise error, so errors surface in shard order either way.
+    """
+    for c0 in range(0, int(task.keys.size), _BATCH):
+        keys = task.keys[c0 : c0 + _BATCH]
+        origs = task.orig_labels[c0 : c0 + _BATCH]
+        key_list = keys.tolist()
+        images = reader.read_batch(keys, origs, source.expected_size, source.max_side)
+        if images is None or None in images:
+            images = _images_carefully(reader, source, key_list, origs.tolist(), images)
+        writer.write_examples(images, task.labels[c0 : c0 + _BATCH].tolist(), key_list)
+        if report is not None:
+            report(len(key_list))
+        if should_abort is not None and should_abort():
+            raise _Aborted
+
+
+def _images_carefully(reader: _ImageReader, source: _SourceSpec, keys, origs, fast) -> list:
+    """A batch's JPEG payloads where some record failed the fast checks (``None`` in
+    ``fast``, or no ``fast`` at all): those records take the per-record path
+    (:meth:`_ImageReader.read_image`, :func:`jpeg_info`), which accepts them or raises the
+    precise error, in shard order."""
     path = source.path
     max_side = source.max_side
     exp_h, exp_w = source.expected_size or (0, 0)
     any_size = source.expected_size is None
-    supported = _SOF_SUPPORTED
-    done = 0
-    for key, label, orig in zip(
-        task.keys.tolist(), task.labels.tolist(), task.orig_labels.tolist()
-    ):
-        image, offset = read_image(key, orig)
+    images = []
+    for key, orig, image in zip(keys, origs, fast or [None] * len(keys)):
+        if image is not None:
+            images.append(image)
+            continue
+        image, offset = reader.read_image(key, orig)
         info = jpeg_info(image, path=path, key=key, offset=offset)
         h, w, comps, precision, sof, _ = info
         if (
-            sof not in supported
+            sof not in _SOF_SUPPORTED
             or precision != 8
             or not (comps == 3 or comps == 1)
             or h > max_side
@@ -821,16 +892,8 @@ def _fill_from_rec(
             or not (any_size or (h == exp_h and w == exp_w))
         ):
             _image_problem(info, source, path, key, offset)
-        write(encode_example(image, label, key))
-        done += 1
-        if done == _PROGRESS_EVERY:
-            if report is not None:
-                report(done)
-            done = 0
-            if should_abort is not None and should_abort():
-                raise _Aborted
-    if report is not None and done:
-        report(done)
+        images.append(image)
+    return images
 
 
 def _fill_from_folder(

@@ -512,6 +512,32 @@ class RecordIOReader:
         """Byte offset of ``key``'s first frame (``KeyError`` if the key is not indexed)."""
         return int(self._offsets[self._position(operator.index(key))])
 
+    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
+        """Byte offsets of many keys at once (``KeyError`` names the first missing key)."""
+        keys = np.asarray(keys, dtype=np.int64)
+        if self._keys is None:
+            pos = keys - self._k0
+            bad = (pos < 0) | (pos >= self._n)
+        else:
+            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._n - 1, 0))
+            bad = self._keys[pos] != keys if self._n else np.ones(keys.shape, bool)
+        if bad.any():
+            self._position(int(keys[np.flatnonzero(bad)[0]]))  # raises the KeyError
+        return self._offsets[pos]
+
+    def extents_of(self, keys: np.ndarray) -> np.ndarray:
+        """Bytes from each key's offset to the next indexed record (or the end of the file):
+        a whole one-frame record with its padding, when the file is well formed."""
+        keys = np.asarray(keys, dtype=np.int64)
+        offsets = self.offsets_of(keys)  # raises for missing keys
+        pos = keys - self._k0 if self._keys is None else np.searchsorted(self._keys, keys)
+        if self._ends is not None:
+            ends = self._ends[pos]
+        else:
+            nxt = np.minimum(pos + 1, self._n - 1)
+            ends = np.where(pos + 1 < self._n, self._offsets[nxt], self.size)
+        return ends - offsets
+
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, key: int) -> Record:
