@@ -37,3 +37,9 @@ def rec_dir() -> pathlib.Path:
 def yale_dir() -> pathlib.Path:
     """``../shared/data/faces/yale``: 165 real grey face photographs, 15 identities."""
     return _require(SHARED_DATA / "faces" / "yale")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the ``slow`` tests first: with ``pytest -n 2`` a long test collected last would
+    otherwise run alone at the end while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

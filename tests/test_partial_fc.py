@@ -45,6 +45,7 @@ def test_shard_bounds_are_contiguous_blocks():
         shard_bounds(3, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [2, 4])
 def test_partial_fc_equals_full_softmax_and_samples_positives(replicas):
     result = check("parity", replicas)
@@ -58,6 +59,7 @@ def test_partial_fc_equals_full_softmax_and_samples_positives(replicas):
     assert s["positives_present"] and s["finite"] and s["distinct"], s
 
 
+@pytest.mark.slow
 def test_save_on_four_replicas_resume_on_two(tmp_path):
     saved = check("save", 4, tmp_path)
     assert saved["local_rows"] == [3, 3, 3, 3] and saved["momentum_nonzero"]

@@ -112,6 +112,7 @@ def losses(stdout):
     ]
 
 
+@pytest.mark.slow
 def test_training_on_real_yale_faces_beats_the_untrained_model(rec_dir, tmp_path):
     """Convert the MXNet-written yale112 .rec, train 200 steps at 112x112, verify on
     yale_pairs_py2.bin: accuracy far above the same backbone untrained."""
@@ -178,6 +179,7 @@ def test_training_on_real_yale_faces_beats_the_untrained_model(rec_dir, tmp_path
     assert accuracy >= 0.9, (accuracy, baseline)
 
 
+@pytest.mark.slow
 def test_mirrored_two_replicas_equals_default_strategy(tmp_path):
     """2 logical CPU replicas x batch 8 with synchronised BN == 1 device x batch 16.
 
@@ -214,6 +216,7 @@ def test_mirrored_two_replicas_equals_default_strategy(tmp_path):
         np.testing.assert_allclose(b[k], a[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     steps = 12
     extra = [
@@ -302,6 +305,7 @@ def _free_ports(n):
     return ports
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_multiworker_two_local_workers(tmp_path):
     ports = _free_ports(2)
