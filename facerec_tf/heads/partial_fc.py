@@ -209,7 +209,10 @@ class PartialFC(tf.Module):
             [tf.constant(self.seed, tf.int32) + 1, tf.cast(step, tf.int32) * 1024 + rid]
         )
         sampled, local = self._sample(local, size, seed)
-        weights = tf.gather(self.centers.read_value(), sampled)
+        if self.num_sample == self.max_local:  # every row: no gathered copy
+            weights = tf.identity(self.centers.read_value())
+        else:
+            weights = tf.gather(self.centers.read_value(), sampled)
         if tape is not None:
             tape.watch(weights)
         cos = tf.matmul(
@@ -244,12 +247,21 @@ class PartialFC(tf.Module):
         """SGD with momentum and coupled weight decay on the sampled rows (replica context):
         ``v = momentum * v - lr * (g + wd * w); w = w + v`` (Keras' SGD form)."""
         _, _, _, size = self._bounds()
+        gradient = tf.convert_to_tensor(gradient)
+        if self.num_sample == self.max_local:  # every row: update in place, no scatter
+            valid = (tf.range(self.max_local) < size)[:, tf.newaxis]
+            w = self.centers.read_value()
+            v = momentum * self.momentum.read_value() - learning_rate * (
+                gradient + weight_decay * w
+            )
+            v = tf.where(valid, v, 0.0)
+            self.momentum.assign(v)
+            self.centers.assign_add(v)
+            return
         w_all = self.centers.read_value()
         v_all = self.momentum.read_value()
         w = tf.gather(w_all, sampled)
-        v = momentum * tf.gather(v_all, sampled) - learning_rate * (
-            tf.convert_to_tensor(gradient) + weight_decay * w
-        )
+        v = momentum * tf.gather(v_all, sampled) - learning_rate * (gradient + weight_decay * w)
         valid = (sampled < size)[:, tf.newaxis]
         new_w = tf.where(valid, w + v, w)
         new_v = tf.where(valid, v, tf.gather(v_all, sampled))
