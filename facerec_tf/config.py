@@ -55,6 +55,10 @@ class HeadConfig:
     m3: float | None = None
     easy_margin: bool = False
     interclass_filtering_threshold: float = 0.0
+    # Partial FC: class centres split across the replicas (not mirrored), softmax normalised
+    # with collectives; sample_rate < 1 trains each step on all positives + random negatives.
+    partial_fc: bool = False
+    sample_rate: float = 1.0
 
 
 @dataclass
@@ -87,7 +91,8 @@ class ScheduleConfig:
 
 @dataclass
 class RuntimeConfig:
-    precision: str = "fp32"  # fp32, mixed_float16, mixed_bfloat16
+    # auto = mixed_bfloat16 under TPUStrategy (what TPUs compute in), fp32 elsewhere
+    precision: str = "auto"  # auto, fp32, mixed_float16, mixed_bfloat16
     jit_compile: bool = False
     seed: int = 0
     deterministic: bool = False  # op determinism + deterministic input order (exact resume)
@@ -343,7 +348,7 @@ CHOICES = {
     "optimizer.name": ("sgd", "adamw"),
     "optimizer.weight_decay_mode": ("coupled", "decoupled"),
     "schedule.name": ("polynomial", "step", "cosine", "constant"),
-    "runtime.precision": ("fp32", "mixed_float16", "mixed_bfloat16"),
+    "runtime.precision": ("auto", "fp32", "mixed_float16", "mixed_bfloat16"),
     "head.name": ("arcface", "cosface", "sphereface", "combined", "normface", "softmax"),
 }
 
@@ -375,6 +380,7 @@ def validate(config: TrainConfig) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"must be >= 0, got {value}", key=key)
+    _validate_partial_fc(config)
     o = config.optimizer
     if o.weight_decay_mode == "decoupled" and o.centers_weight_decay_mult not in (0.0, 1.0):
         raise ConfigError(
@@ -387,3 +393,30 @@ def validate(config: TrainConfig) -> None:
             "AdamW decays weights decoupled; set optimizer.weight_decay_mode=decoupled",
             key="optimizer.weight_decay_mode",
         )
+
+
+def _validate_partial_fc(config: TrainConfig) -> None:
+    h, o = config.head, config.optimizer
+    if not 0.0 < h.sample_rate <= 1.0:
+        raise ConfigError(f"must be in (0, 1], got {h.sample_rate}", key="head.sample_rate")
+    if not h.partial_fc:
+        if h.sample_rate < 1.0:
+            raise ConfigError(
+                "sampling needs Partial FC: set head.partial_fc=true", key="head.sample_rate"
+            )
+        return
+    unsupported = {
+        "head.name": h.name == "softmax",
+        "head.easy_margin": h.easy_margin,
+        "head.interclass_filtering_threshold": h.interclass_filtering_threshold > 0,
+        "optimizer.name": o.name != "sgd",
+        "optimizer.weight_decay_mode": o.weight_decay_mode != "coupled",
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise ConfigError(
+                "not supported with head.partial_fc=true (Partial FC trains the sharded "
+                "centres with its own SGD, coupled weight decay, and the combined margin "
+                "of the arcface/cosface/sphereface/combined/normface heads)",
+                key=key,
+            )

@@ -4,6 +4,7 @@ cannot hold MirroredStrategies of different sizes over the same devices (collect
 keys clash).
 
     python tests/partial_fc_check.py parity W       # r = 1 parity and r = 0.1 sampling
+    python tests/partial_fc_check.py sparse W       # r = 0.1 row updates against NumPy
     python tests/partial_fc_check.py save W DIR     # train 2 steps on W replicas, save
     python tests/partial_fc_check.py load W DIR     # restore on W replicas
 
@@ -140,6 +141,58 @@ def parity(w: int) -> dict:
     return out
 
 
+def sparse_update(w: int, c: int = 1000, lr=0.1, mu=0.9, wd=5e-4) -> dict:
+    """r = 0.1, two SGD steps: sampled rows follow ``v = mu v - lr (g + wd w); w += v``
+    (NumPy, from the step's own gradients), every other row keeps weights and momentum."""
+    rng = np.random.default_rng(2)
+    strategy = tf.distribute.MirroredStrategy(DEVICES[:w])
+    p = PartialFC(c, D, strategy=strategy, sample_rate=0.1, scale=S, m2=M2, global_batch=N)
+    p.load_full(rng.standard_normal((c, D)).astype(np.float32))
+    emb = rng.standard_normal((N, D)).astype(np.float32)
+    y = rng.integers(0, c, N).astype(np.int32)
+
+    @tf.function
+    def train(xb, yb, step):
+        with tf.GradientTape() as tape:
+            o = p.forward(xb, yb, step=step, tape=tape)
+        g = tape.gradient(o.objective, o.weights)
+        p.apply_gradients(o.sampled, g, learning_rate=lr, momentum=mu, weight_decay=wd)
+        return o.sampled, g
+
+    weights, momentum = p.full_centers(), p.full_momentum()
+    max_diff, untouched_equal, rows_updated = 0.0, True, 0
+    for step in range(2):
+        sampled, grads = strategy.run(
+            train, args=(per_replica(strategy, emb), per_replica(strategy, y), tf.constant(step))
+        )
+        expect_w, expect_v = weights.copy(), momentum.copy()
+        touched = np.zeros(c, bool)
+        for r, (s, g) in enumerate(
+            zip(
+                strategy.experimental_local_results(sampled),
+                strategy.experimental_local_results(grads),
+            )
+        ):
+            s, g = s.numpy(), g.numpy()
+            keep = s < p.sizes[r]
+            rows = p.starts[r] + s[keep]
+            v = mu * momentum[rows] - lr * (g[keep] + wd * weights[rows])
+            expect_v[rows], expect_w[rows] = v, weights[rows] + v
+            touched[rows] = True
+        weights, momentum = p.full_centers(), p.full_momentum()
+        max_diff = max(
+            max_diff,
+            float(np.abs(weights - expect_w).max()),
+            float(np.abs(momentum - expect_v).max()),
+        )
+        untouched_equal &= bool(
+            np.array_equal(weights[~touched], expect_w[~touched])
+            and np.array_equal(momentum[~touched], expect_v[~touched])
+        )
+        rows_updated = int(touched.sum())
+    return {"max_diff": max_diff, "untouched_equal": untouched_equal, "rows": rows_updated}
+
+
 C_RESHARD = 11
 
 
@@ -177,6 +230,11 @@ def save(w: int, folder: str) -> dict:
     np.save(os.path.join(folder, "centers.npy"), p.full_centers())
     np.save(os.path.join(folder, "momentum.npy"), p.full_momentum())
     return {
+        # the all-gather assembly (multi-worker path), in chunks smaller than a block
+        "gathered_equal": bool(
+            np.array_equal(p._gathered(p.centers, chunk_rows=2), p.full_centers())
+            and np.array_equal(p._gathered(p.momentum, chunk_rows=2), p.full_momentum())
+        ),
         "loss": loss_of(p, strategy, emb, y),
         "local_rows": [int(v.shape[0]) for v in strategy.experimental_local_results(p.centers)],
         "momentum_nonzero": bool(np.abs(p.full_momentum()).max() > 0),
@@ -187,7 +245,7 @@ def load(w: int, folder: str) -> dict:
     emb, y = reshard_data()
     strategy = tf.distribute.MirroredStrategy(DEVICES[:w])
     p = PartialFC(C_RESHARD, D, strategy=strategy, scale=S, m2=M2, seed=99)
-    tf.train.Checkpoint(**p._host_variables()).read(os.path.join(folder, "ckpt")).assert_consumed()
+    tf.train.Checkpoint(**p.host_variables()).read(os.path.join(folder, "ckpt")).assert_consumed()
     p.from_host()
     return {
         "loss": loss_of(p, strategy, emb, y),
@@ -205,6 +263,8 @@ def main() -> int:
     mode, w = sys.argv[1], int(sys.argv[2])
     if mode == "parity":
         result = parity(w)
+    elif mode == "sparse":
+        result = sparse_update(w)
     elif mode == "save":
         result = save(w, sys.argv[3])
     else:

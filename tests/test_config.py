@@ -82,6 +82,8 @@ def test_overrides_are_typed():
         ("data.batch_size=0", "data.batch_size", "must be > 0"),
         ("data.image_size=112", "data.image_size", "expected 2 values"),
         ("weight_decay", "weight_decay", "expected section.key=value"),
+        ("head.sample_rate=0", "head.sample_rate", "must be in \\(0, 1\\]"),
+        ("head.sample_rate=0.1", "head.sample_rate", "set head.partial_fc=true"),
     ],
 )
 def test_config_errors_name_the_key(override, key, message):
@@ -115,6 +117,61 @@ def test_weight_decay_mode_rules():
         )
     with pytest.raises(ConfigError, match="weight_decay_mode"):
         merge(TrainConfig(), {"optimizer": {"name": "adamw"}})
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("head.name=softmax", "head.name"),
+        ("head.easy_margin=true", "head.easy_margin"),
+        ("head.interclass_filtering_threshold=0.2", "head.interclass_filtering_threshold"),
+        ("optimizer.weight_decay_mode=decoupled", "optimizer.weight_decay_mode"),
+    ],
+)
+def test_partial_fc_refuses_what_it_does_not_implement(override, key):
+    resolve("quickstart", ["head.partial_fc=true", "head.sample_rate=0.1"])  # fine
+    with pytest.raises(ConfigError, match=r"not supported with head\.partial_fc=true") as info:
+        resolve("quickstart", ["head.partial_fc=true", override])
+    assert info.value.key == key
+
+
+def test_precision_auto_is_bfloat16_on_tpu_only():
+    import tensorflow as tf
+
+    from facerec_tf.training.trainer import resolve_precision
+
+    assert resolve("quickstart").runtime.precision == "auto"
+    assert resolve_precision("auto", tf.distribute.get_strategy()) == "fp32"
+    assert resolve_precision("mixed_float16", tf.distribute.get_strategy()) == "mixed_float16"
+    fake_tpu = tf.distribute.TPUStrategy.__new__(tf.distribute.TPUStrategy)  # no TPU here
+    assert resolve_precision("auto", fake_tpu) == "mixed_bfloat16"
+    assert resolve_precision("fp32", fake_tpu) == "fp32"
+
+
+def test_tpu_strategy_without_a_tpu_fails_fast(tmp_path):
+    """No TPU on this machine: exit 2 within seconds, with the fix in the message, and no
+    run folder left behind."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "quickstart",
+            "--data",
+            "synthetic",
+            "--output",
+            str(tmp_path / "run"),
+            "--strategy",
+            "tpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: no TPU reachable at (auto-detected)" in out.stderr
+    assert "--tpu NAME_OR_ADDRESS" in out.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_parse_overrides_nested():

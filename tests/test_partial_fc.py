@@ -57,13 +57,55 @@ def test_partial_fc_equals_full_softmax_and_samples_positives(replicas):
     s = result["sampled"]  # 1000 classes, r = 0.1, global batch 8
     assert s["num_sample"] == int(np.ceil(0.1 * 1000 / replicas))
     assert s["positives_present"] and s["finite"] and s["distinct"], s
+    u = check("sparse", replicas)  # r = 0.1 in-place row updates against NumPy, 2 steps
+    assert u["rows"] == replicas * int(np.ceil(0.1 * 1000 / replicas)), u
+    assert u["max_diff"] <= 1e-6 and u["untouched_equal"], u
 
 
 @pytest.mark.slow
 def test_save_on_four_replicas_resume_on_two(tmp_path):
     saved = check("save", 4, tmp_path)
     assert saved["local_rows"] == [3, 3, 3, 3] and saved["momentum_nonzero"]
+    assert saved["gathered_equal"]
     loaded = check("load", 2, tmp_path)
     assert loaded["local_rows"] == [6, 6]
     assert loaded["centers_equal"] and loaded["momentum_equal"]
     assert loaded["loss"] == pytest.approx(saved["loss"], abs=1e-6)
+
+
+TRAIN_SCRIPT = ROOT / "tests" / "partial_fc_train_check.py"
+
+
+def train_check(mode, folder) -> dict:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    out = subprocess.run(
+        [sys.executable, str(TRAIN_SCRIPT), mode, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_trainer_with_partial_fc_equals_full_softmax_and_resumes_on_fewer_replicas(tmp_path):
+    """train.py's Trainer: ArcFace on 1 device (batch 16) vs Partial FC on 2 replicas (batch 8
+    each) from the same weights, 3 SGD steps; then the 2-replica checkpoint restores on 1."""
+    r = train_check("parity", tmp_path)
+    np.testing.assert_allclose(r["pfc_losses"], r["ref_losses"], rtol=1e-5)
+    assert r["backbone_diff"] <= 1e-5 and r["centers_diff"] <= 1e-6, r
+    assert r["resumed_step"] == 3
+    assert r["resumed_centers_equal"] and r["resumed_momentum_equal"], r
+
+
+@pytest.mark.slow
+def test_jit_compiled_step_equals_plain_step(tmp_path):
+    """runtime.jit_compile=true: backbone, Partial FC with sampling (r = 0.5) and both
+    optimisers in one XLA cluster give the losses and centres of the plain step."""
+    r = train_check("jit", tmp_path)
+    np.testing.assert_allclose(r["jit_losses"], r["losses"], rtol=1e-5)
+    assert r["centers_diff"] <= 1e-6, r

@@ -52,6 +52,8 @@ import os
 
 import numpy as np
 
+from facerec_tf.hashing import mix32
+
 __all__ = [
     "HELD_OUT_IDENTITY_OFFSET",
     "NUM_IDENTITY_PARAMS",
@@ -129,16 +131,6 @@ def _tf():
     return tf
 
 
-def _mix32(x):
-    """``lowbias32`` integer finaliser on uint32 tensors (wrapping arithmetic)."""
-    tf = _tf()
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
-    x = x * tf.constant(0x7FEB352D, tf.uint32)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(15, tf.uint32)))
-    x = x * tf.constant(0x846CA68B, tf.uint32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, tf.constant(16, tf.uint32)))
-
-
 def _u32(value):
     """The low 32 bits of an int64 tensor (or Python int) as uint32."""
     tf = _tf()
@@ -151,10 +143,10 @@ def _key_hash(stream: int, seed, ids):
     tf = _tf()
     ids = tf.cast(ids, tf.int64)
     seed = tf.cast(seed, tf.int64)
-    h = _mix32(_u32(seed) ^ tf.constant((stream * _GOLDEN) & 0xFFFFFFFF, tf.uint32))
-    h = _mix32(h ^ _u32(tf.bitwise.right_shift(seed, tf.constant(32, tf.int64))))
-    h = _mix32(h ^ _u32(ids))
-    return _mix32(h ^ _u32(tf.bitwise.right_shift(ids, tf.constant(32, tf.int64))))
+    h = mix32(_u32(seed) ^ tf.constant((stream * _GOLDEN) & 0xFFFFFFFF, tf.uint32))
+    h = mix32(h ^ _u32(tf.bitwise.right_shift(seed, tf.constant(32, tf.int64))))
+    h = mix32(h ^ _u32(ids))
+    return mix32(h ^ _u32(tf.bitwise.right_shift(ids, tf.constant(32, tf.int64))))
 
 
 def _uniforms(stream: int, seed, ids, count: int):
@@ -164,7 +156,7 @@ def _uniforms(stream: int, seed, ids, count: int):
     k = tf.constant([((i + 1) * _GOLDEN) & 0xFFFFFFFF for i in range(count)], dtype=tf.uint32)[
         None, :
     ]
-    bits = _mix32(_mix32(h ^ k) + k)
+    bits = mix32(mix32(h ^ k) + k)
     return tf.cast(tf.bitwise.right_shift(bits, tf.constant(8, tf.uint32)), tf.float32) * (
         1.0 / (1 << 24)
     )
@@ -465,7 +457,7 @@ def render_faces(
     h = _key_hash(_STREAM_NOISE, seed, sample_hash_key)[None, :, None, None]
     pos = tf.cast(tf.range(3 * height * width, dtype=tf.int32), tf.uint32)
     pos = tf.reshape(pos * tf.constant(_GOLDEN, tf.uint32), [3, 1, height, width])
-    bits = _mix32(h ^ pos)
+    bits = mix32(h ^ pos)
     lo16 = tf.cast(tf.bitwise.bitwise_and(bits, tf.constant(0xFFFF, tf.uint32)), tf.float32)
     hi16 = tf.cast(tf.bitwise.right_shift(bits, tf.constant(16, tf.uint32)), tf.float32)
     # The sum of two uniforms (triangular, std 1/sqrt(6)) rescaled to unit variance.

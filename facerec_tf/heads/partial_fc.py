@@ -45,6 +45,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from facerec_tf.hashing import hash_uniform
 from facerec_tf.heads.margin import combined_margin
 
 __all__ = ["PartialFC", "PartialFCOutput", "shard_bounds"]
@@ -68,6 +69,21 @@ def shard_bounds(num_classes: int, num_shards: int) -> tuple[np.ndarray, np.ndar
     )
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     return starts, sizes
+
+
+def _multi_worker(strategy) -> bool:
+    in_multi_worker = getattr(strategy.extended, "_in_multi_worker_mode", None)
+    return bool(in_multi_worker and in_multi_worker())
+
+
+def _scatter_rows(variable, rows, values) -> None:
+    """``variable[rows] = values`` on this replica's component, in place.
+
+    Sync-on-read variables refuse ``scatter_update``; the raw op on the replica-local handle
+    writes the rows without materialising a copy of the block (what ``assign`` of a
+    ``tensor_scatter_nd_update`` result would do: at 1M classes that is 1 GB per replica).
+    """
+    tf.raw_ops.ResourceScatterUpdate(resource=variable.handle, indices=rows, updates=values)
 
 
 class PartialFCOutput(NamedTuple):
@@ -159,7 +175,7 @@ class PartialFC(tf.Module):
             _, _, start, _ = self._bounds()
             seed = tf.stack([tf.constant(self.seed, tf.int32), start])
             value = tf.random.stateless_normal(
-                [self.max_local, self.embedding_size], seed, stddev=self.stddev
+                [self.max_local, self.embedding_size], seed, stddev=self.stddev, alg="philox"
             )
             self.centers.assign(value)
             self.momentum.assign(tf.zeros_like(value))
@@ -177,9 +193,7 @@ class PartialFC(tf.Module):
             tf.cast(local_labels >= 0, tf.float32),
             [self.max_local],
         )
-        score = tf.random.stateless_uniform([self.max_local], seed) + 2.0 * tf.minimum(
-            positive, 1.0
-        )
+        score = hash_uniform(seed, self.max_local) + 2.0 * tf.minimum(positive, 1.0)
         score = tf.where(rows < size, score, -1.0)
         _, sampled = tf.math.top_k(score, k=self.num_sample, sorted=True)
         position = tf.tensor_scatter_nd_update(
@@ -212,7 +226,7 @@ class PartialFC(tf.Module):
         if self.num_sample == self.max_local:  # every row: no gathered copy
             weights = tf.identity(self.centers.read_value())
         else:
-            weights = tf.gather(self.centers.read_value(), sampled)
+            weights = tf.gather(self.centers, sampled)
         if tape is not None:
             tape.watch(weights)
         cos = tf.matmul(
@@ -258,21 +272,44 @@ class PartialFC(tf.Module):
             self.momentum.assign(v)
             self.centers.assign_add(v)
             return
-        w_all = self.centers.read_value()
-        v_all = self.momentum.read_value()
-        w = tf.gather(w_all, sampled)
-        v = momentum * tf.gather(v_all, sampled) - learning_rate * (gradient + weight_decay * w)
+        # r < 1: read and write only the sampled rows, in place (no copy of the local block).
+        w = tf.gather(self.centers, sampled)
+        v_old = tf.gather(self.momentum, sampled)
+        v = momentum * v_old - learning_rate * (gradient + weight_decay * w)
         valid = (sampled < size)[:, tf.newaxis]
-        new_w = tf.where(valid, w + v, w)
-        new_v = tf.where(valid, v, tf.gather(v_all, sampled))
-        index = tf.reshape(sampled, [-1, 1])
-        self.centers.assign(tf.tensor_scatter_nd_update(w_all, index, new_w))
-        self.momentum.assign(tf.tensor_scatter_nd_update(v_all, index, new_v))
+        _scatter_rows(self.momentum, sampled, tf.where(valid, v, v_old))
+        _scatter_rows(self.centers, sampled, tf.where(valid, w + v, w))
 
     # ---- whole-matrix views (cross-replica context) ------------------------------------------
     def _full(self, variable) -> np.ndarray:
+        if _multi_worker(self.strategy):
+            return self._gathered(variable)
         parts = self.strategy.experimental_local_results(variable)
         return np.concatenate([np.asarray(p)[: int(n)] for p, n in zip(parts, self.sizes)], axis=0)
+
+    def _gathered(self, variable, chunk_rows: int = 65536) -> np.ndarray:
+        """The ``[C, D]`` matrix assembled with all-gathers of ``chunk_rows`` rows at a time,
+        so every worker of a multi-worker strategy gets it (local results only hold this
+        worker's blocks) while no device holds more than ``W * chunk_rows`` gathered rows."""
+        out = np.empty((self.num_classes, self.embedding_size), np.float32)
+        chunk_rows = min(chunk_rows, self.max_local)
+
+        @tf.function
+        def gather(begin):
+            ctx = tf.distribute.get_replica_context()
+            rows = tf.minimum(begin + tf.range(chunk_rows), self.max_local - 1)
+            return ctx.all_gather(tf.gather(variable, rows), axis=0)
+
+        for begin in range(0, self.max_local, chunk_rows):
+            value = self.strategy.run(gather, args=(tf.constant(begin),))
+            block = np.asarray(self.strategy.experimental_local_results(value)[0])
+            block = block.reshape(self.num_replicas, chunk_rows, self.embedding_size)
+            for r in range(self.num_replicas):
+                n = min(chunk_rows, int(self.sizes[r]) - begin)
+                if n > 0:
+                    start = int(self.starts[r]) + begin
+                    out[start : start + n] = block[r, :n]
+        return out
 
     def full_centers(self) -> np.ndarray:
         """The ``[C, D]`` centres in class order (single-worker strategies)."""
@@ -311,7 +348,9 @@ class PartialFC(tf.Module):
 
         self.strategy.run(tf.function(assign), args=(c, m))
 
-    def _host_variables(self) -> dict[str, tf.Variable]:
+    def host_variables(self) -> dict[str, tf.Variable]:
+        """The ``[C, D]`` host variables ``centers`` and ``momentum`` (put these in a
+        ``tf.train.Checkpoint``; fill them with :meth:`to_host` before saving)."""
         if not self.host:
             shape = [self.num_classes, self.embedding_size]
             with tf.device("/CPU:0"):
@@ -323,7 +362,7 @@ class PartialFC(tf.Module):
 
     def to_host(self) -> dict[str, tf.Variable]:
         """Copy the sharded state into ``[C, D]`` host variables (save these)."""
-        host = self._host_variables()
+        host = self.host_variables()
         host["centers"].assign(self.full_centers())
         host["momentum"].assign(self.full_momentum())
         return host
@@ -331,5 +370,5 @@ class PartialFC(tf.Module):
     def from_host(self) -> None:
         """Load the host variables (e.g. just restored from a checkpoint written with any
         number of replicas) into this replica layout."""
-        host = self._host_variables()
+        host = self.host_variables()
         self.load_full(host["centers"].numpy(), host["momentum"].numpy())

@@ -117,6 +117,30 @@ class FaceRecognitionTask:
         head.build((None, self.config.model.embedding_size))
         return head
 
+    def build_partial_fc(self, strategy, global_batch: int):
+        """The sharded classifier (``head.partial_fc``): the head's margin, centres split
+        over the strategy's replicas."""
+        import dataclasses as dc
+
+        from facerec_tf.heads import MARGIN_PRESETS
+        from facerec_tf.heads.partial_fc import PartialFC
+
+        h = self.config.head
+        spec = dc.asdict(MARGIN_PRESETS[h.name])
+        margins = {k: getattr(h, k) if getattr(h, k) is not None else spec[k] for k in spec}
+        return PartialFC(
+            self.num_classes,
+            self.config.model.embedding_size,
+            strategy=strategy,
+            sample_rate=h.sample_rate,
+            scale=h.scale,
+            m1=margins["m1"],
+            m2=margins["m2"],
+            m3=margins["m3"],
+            global_batch=global_batch,
+            seed=self.config.runtime.seed,
+        )
+
     # ---- data --------------------------------------------------------------------------------
     def dataset_fn(self, per_replica_batch: int):
         """``fn(input_context, start_batch=0)`` building one input pipeline's dataset of

@@ -86,35 +86,42 @@ class Trainer:
         self.stream = stream or sys.stdout
         self.chief = is_chief(strategy)
         rt = self.config.runtime
+        self.precision = resolve_precision(rt.precision, strategy)
 
         self.per_replica_batch = self.config.data.batch_size
         self.global_batch = self.per_replica_batch * strategy.num_replicas_in_sync
         self.steps_per_epoch, self.total_steps = task.steps(self.global_batch)
         self.max_steps = min(max_steps or self.total_steps, self.total_steps)
 
-        if rt.precision != "fp32":
-            keras.mixed_precision.set_dtype_policy(rt.precision)
+        if self.precision != "fp32":
+            keras.mixed_precision.set_dtype_policy(self.precision)
         else:
             keras.mixed_precision.set_dtype_policy("float32")
         keras.utils.set_random_seed(rt.seed)
 
+        self.head = self.partial_fc = None
         with strategy.scope():
             self.backbone = task.build_backbone()
-            self.head = task.build_head()
+            if self.config.head.partial_fc:
+                self.partial_fc = task.build_partial_fc(strategy, self.global_batch)
+                head_variables, centers = [], []
+            else:
+                self.head = task.build_head()
+                head_variables = self.head.trainable_variables
+                centers = getattr(getattr(self.head, "centers", None), "kernel", None)
+                centers = [centers] if centers is not None else []
             self.schedule = build_schedule(
                 self.config.schedule, self.steps_per_epoch, self.total_steps
             )
-            centers = getattr(getattr(self.head, "centers", None), "kernel", None)
-            centers = [centers] if centers is not None else []
             self.optimizer = build_optimizer(
-                self.config.optimizer, self.schedule, rt.precision, centers
+                self.config.optimizer, self.schedule, self.precision, centers
             )
-            self.variables = self.backbone.trainable_variables + self.head.trainable_variables
+            self.variables = self.backbone.trainable_variables + head_variables
             self.optimizer.build(self.variables)
             self.decay = coupled_decay_multipliers(
                 self.config.optimizer,
                 self.backbone.trainable_variables,
-                self.head.trainable_variables,
+                head_variables,
                 centers,
             )
             self.best_accuracy = tf.Variable(
@@ -125,9 +132,15 @@ class Trainer:
         # the checkpoint needs no iterator state (tf.distribute iterators over several
         # devices are not trackable anyway).
         self.iterator = None
+        classifier = (
+            {"head": self.head}
+            if self.partial_fc is None
+            # [C, D] host copies, filled before each save: re-shardable on restore
+            else {"partial_fc": tf.train.Checkpoint(**self.partial_fc.host_variables())}
+        )
         self.checkpoint = tf.train.Checkpoint(
             backbone=self.backbone,
-            head=self.head,
+            **classifier,
             optimizer=self.optimizer,
             best_accuracy=self.best_accuracy,
             # Keras' seed-generator states (dropout): not tracked by the model's checkpoint
@@ -173,6 +186,8 @@ class Trainer:
 
         from facerec_tf.training.optim import process_gradients
 
+        if self.partial_fc is not None:
+            return self._partial_fc_step(images, labels)
         clip = self.config.optimizer.clip_norm
         n_backbone = len(self.backbone.trainable_variables)
         with tf.GradientTape() as tape:
@@ -198,6 +213,63 @@ class Trainer:
         norm = tf.reduce_sum(tf.norm(tf.cast(embeddings, tf.float32), axis=1))
         return {"loss": loss, "correct": correct, "norm_sum": norm, "grad_norm": grad_norm}
 
+    def _partial_fc_step(self, images, labels):
+        """The step with sharded centres: the backbone goes through the Keras optimiser, the
+        sampled centre rows through Partial FC's own SGD (same learning rate, momentum and
+        coupled decay times ``centers_weight_decay_mult``)."""
+        import tensorflow as tf
+
+        from facerec_tf.training.optim import process_gradients
+
+        opt = self.config.optimizer
+        pfc = self.partial_fc
+        replicas = float(self.strategy.num_replicas_in_sync)
+        step = self.optimizer.iterations
+        learning_rate = tf.cast(self.schedule(step), tf.float32)  # before apply increments it
+        with tf.GradientTape() as tape:
+            embeddings = self.backbone(images, training=True)
+            out = pfc.forward(embeddings, labels, step=step, tape=tape)
+            scaled = (
+                self.optimizer.scale_loss(out.objective)
+                if hasattr(self.optimizer, "scale_loss")
+                else out.objective
+            )
+        grads = tape.gradient(scaled, [*self.variables, out.weights])
+        grads, centre_grad = grads[:-1], grads[-1]
+        ctx = tf.distribute.get_replica_context()
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        scale = self._loss_scale()
+        grads, grad_norm = process_gradients(
+            grads, self.variables, self.decay, len(grads), opt.clip_norm, scale
+        )
+        # Under loss scaling a step with an overflow anywhere is skipped by every replica
+        # (the Keras optimiser decides on the all-reduced backbone gradient; the centre
+        # gradients are local, so their verdict is all-reduced too).
+        overflow = 1.0 - tf.cast(tf.reduce_all(tf.math.is_finite(centre_grad)), tf.float32)
+        finite = ctx.all_reduce(tf.distribute.ReduceOp.SUM, overflow) < 0.5
+        finite = finite & tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+
+        def update():
+            pfc.apply_gradients(
+                out.sampled,
+                centre_grad / scale,
+                learning_rate=learning_rate,
+                momentum=opt.momentum,
+                weight_decay=opt.weight_decay * opt.centers_weight_decay_mult,
+            )
+            return tf.constant(True)
+
+        tf.cond(finite, update, lambda: tf.constant(False))
+        norm = tf.reduce_sum(tf.norm(tf.cast(embeddings, tf.float32), axis=1))
+        # per-replica shares whose sum over replicas is the global figure
+        return {
+            "loss": out.loss / replicas,
+            "correct": out.accuracy * float(self.global_batch) / replicas,
+            "norm_sum": norm,
+            "grad_norm": grad_norm,
+        }
+
     def _build_train_fn(self):
         import tensorflow as tf
 
@@ -205,9 +277,15 @@ class Trainer:
         steps = self.config.runtime.steps_per_loop
         SUM, MEAN = tf.distribute.ReduceOp.SUM, tf.distribute.ReduceOp.MEAN
 
+        # XLA compiles the replica step (forward, loss, gradients, collectives, optimiser);
+        # the iterator stays outside the cluster, as Keras does for jit_compile.
+        replica_step = self._replica_step
+        if self.config.runtime.jit_compile:
+            replica_step = tf.function(replica_step, jit_compile=True)
+
         def one_step(iterator):
             images, labels = next(iterator)
-            out = strategy.run(self._replica_step, args=(images, labels))
+            out = strategy.run(replica_step, args=(images, labels))
             return {
                 k: strategy.reduce(MEAN if k == "grad_norm" else SUM, v, axis=None)
                 for k, v in out.items()
@@ -219,7 +297,7 @@ class Trainer:
                 out = one_step(iterator)
             return out
 
-        return tf.function(loop, jit_compile=self.config.runtime.jit_compile or None)
+        return tf.function(loop)
 
     def _make_iterator(self, step: int):
         """A distributed iterator positioned at ``step``: every input pipeline skips the
@@ -246,9 +324,13 @@ class Trainer:
                 f"checkpoint {path} does not hold the full training state (model, head, "
                 f"optimizer slots, step); refusing to resume with partial state: {e}"
             ) from e
+        if self.partial_fc is not None:
+            self.partial_fc.from_host()  # re-shards for this run's replica count
         return self.step
 
     def save(self) -> str | None:
+        if self.partial_fc is not None:
+            self.partial_fc.to_host()  # a collective on multi-worker: every worker saves
         path = self.manager.save(checkpoint_number=self.step)
         return path if self.chief else None
 
@@ -319,6 +401,7 @@ class Trainer:
             "num_images": self.task.num_images,
             "image_size": list(self.task.image_size),
             "replicas": self.strategy.num_replicas_in_sync,
+            "precision": self.precision,
             "global_batch": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
@@ -350,7 +433,7 @@ class Trainer:
             f"{self.task.dataset_name} ({self.task.num_classes} classes, {self.task.num_images} "
             f"images at {self.task.image_size[0]}x{self.task.image_size[1]}): "
             f"{self.strategy.num_replicas_in_sync} replica(s) x batch {self.per_replica_batch}, "
-            f"{self.max_steps} of {self.total_steps} steps, precision {rt.precision}"
+            f"{self.max_steps} of {self.total_steps} steps, precision {self.precision}"
         )
         self.iterator = self._make_iterator(self.step)
         last_good = self.manager.latest_checkpoint
@@ -456,6 +539,16 @@ class Trainer:
         export_for_serving(self.backbone, os.path.join(folder, "saved_model"), overwrite=True)
         self._log(f"exported the embedding model to {folder}")
         return folder
+
+
+def resolve_precision(precision: str, strategy) -> str:
+    """``auto`` -> ``mixed_bfloat16`` under a TPU strategy, ``fp32`` otherwise."""
+    if precision != "auto":
+        return precision
+    import tensorflow as tf
+
+    tpu = isinstance(strategy, tf.distribute.TPUStrategy | tf.distribute.experimental.TPUStrategy)
+    return "mixed_bfloat16" if tpu else "fp32"
 
 
 def _seed_states(model) -> list:
