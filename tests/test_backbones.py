@@ -81,7 +81,8 @@ def test_unknown_backbone_lists_valid_names():
 def test_every_backbone_round_trips(name, tmp_path):
     keras.utils.set_random_seed(1)
     model = create_backbone(name, embedding_size=128, dropout=0.1)
-    x = np.random.default_rng(0).uniform(0, 255, size=(2, 112, 112, 3)).astype(np.float32)
+    shape = tuple(model.input.shape[1:])  # 112x112, Facenet 160x160
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, *shape)).astype(np.float32)
     want = model(x, training=False).numpy()
     assert want.shape == (2, 128) and want.dtype == np.float32 and np.all(np.isfinite(want))
     np.testing.assert_array_equal(model(x, training=False).numpy(), want)  # deterministic

@@ -1,5 +1,12 @@
-"""Classification heads: class centres, the combined angular margin, softmax baselines."""
+"""Classification heads: class centres, the combined angular margin, adaptive margins
+(MagFace, CurricularFace, AdaFace, annealed SphereFace), softmax baselines."""
 
+from facerec_tf.heads.adaptive import (
+    AdaFaceHead,
+    AnnealedSphereFaceHead,
+    CurricularFaceHead,
+    MagFaceHead,
+)
 from facerec_tf.heads.centers import ClassCenters
 from facerec_tf.heads.margin import (
     MARGIN_PRESETS,
@@ -14,7 +21,11 @@ from facerec_tf.heads.margin import (
 
 __all__ = [
     "MARGIN_PRESETS",
+    "AdaFaceHead",
+    "AnnealedSphereFaceHead",
     "ClassCenters",
+    "CurricularFaceHead",
+    "MagFaceHead",
     "MarginHead",
     "MarginSpec",
     "SoftmaxHead",

@@ -221,7 +221,18 @@ class SoftmaxHead(keras.layers.Layer):
         return config
 
 
-HEADS = ("arcface", "cosface", "sphereface", "combined", "normface", "softmax")
+HEADS = (
+    "arcface",
+    "cosface",
+    "sphereface",
+    "combined",
+    "normface",
+    "softmax",
+    "magface",
+    "curricularface",
+    "adaface",
+    "sphereface_annealed",
+)
 
 
 def list_heads() -> list[str]:
@@ -234,10 +245,22 @@ def create_head(name: str, num_classes: int, **kwargs):
     ``arcface``, ``cosface``, ``sphereface``, ``combined`` and ``normface`` are
     :class:`MarginHead` presets (any of ``scale``, ``m1``, ``m2``, ``m3``, ``easy_margin``,
     ``interclass_filtering_threshold`` may be overridden); ``softmax`` is the plain
-    :class:`SoftmaxHead` (``normalize=True`` for the normalised variant).
+    :class:`SoftmaxHead` (``normalize=True`` for the normalised variant). ``magface``,
+    ``curricularface``, ``adaface`` and ``sphereface_annealed`` are the adaptive heads of
+    :mod:`facerec_tf.heads.adaptive` (``kwargs`` go to their constructors).
     """
     if name == "softmax":
         return SoftmaxHead(num_classes, **kwargs)
+    from facerec_tf.heads import adaptive  # adaptive imports this module
+
+    adaptive_heads = {
+        "magface": adaptive.MagFaceHead,
+        "curricularface": adaptive.CurricularFaceHead,
+        "adaface": adaptive.AdaFaceHead,
+        "sphereface_annealed": adaptive.AnnealedSphereFaceHead,
+    }
+    if name in adaptive_heads:
+        return adaptive_heads[name](num_classes, **kwargs)
     if name not in MARGIN_PRESETS:
         raise ValueError(f"unknown head {name!r}; valid names: {', '.join(HEADS)}")
     spec = {**dataclasses.asdict(MARGIN_PRESETS[name]), **kwargs}

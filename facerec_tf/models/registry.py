@@ -6,8 +6,10 @@ variant; depth variants are rows, not files.
 
 from __future__ import annotations
 
+from facerec_tf.models.facenet import FacenetBackbone
 from facerec_tf.models.iresnet import IResNetBackbone
 from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
+from facerec_tf.models.vargfacenet import VarGFaceNetBackbone
 
 BACKBONES: dict[str, tuple[type, dict]] = {
     "iresnet18": (IResNetBackbone, {"depth": 18}),
@@ -20,6 +22,10 @@ BACKBONES: dict[str, tuple[type, dict]] = {
     "mobilefacenet": (MobileFaceNetBackbone, {}),
     # half width (arcface_torch scale=1): the CPU quickstart backbone
     "mobilefacenet_small": (MobileFaceNetBackbone, {"width_scale": 1}),
+    "vargfacenet": (VarGFaceNetBackbone, {}),
+    # Facenet: 160x160 input, 128-d L2-normalised output by default
+    "facenet_mobilenet": (FacenetBackbone, {"features": "mobilenet"}),
+    "facenet_inception_resnetv1": (FacenetBackbone, {"features": "inception_resnetv1"}),
 }
 
 # Names insightface users type, mapped to ours.
