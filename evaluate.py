@@ -29,6 +29,12 @@ examples:
   python evaluate.py --model export/saved_model --pairs pairs.txt --images lfw-112x112
   python evaluate.py --model w600k_r50.onnx --bin lfw.bin --no-flip --batch-size 32
 
+  # MagFace: also print each target's feature-norm distribution (the quality score)
+  python evaluate.py --model runs/magface --bin lfw.bin --quality
+
+  # PFE: score pairs with the mutual likelihood score (run dir with export/pfe.keras)
+  python evaluate.py --model runs/pfe --bin lfw.bin --pfe
+
   # IJB-C 1:1 verification (meta/ijbc_face_tid_mid.txt, ijbc_template_pair_label.txt and
   # optional ijbc_name_5pts_score.txt; images already aligned to the model's input size)
   python evaluate.py --model runs/r50 --ijb-meta IJBC/meta --ijb-images IJBC/aligned \\
@@ -73,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=64, metavar="N", help="images per model call (default 64)"
     )
+    p.add_argument(
+        "--quality",
+        action="store_true",
+        help="print the feature norms of each target's images (MagFace quality scores)",
+    )
+    p.add_argument(
+        "--pfe",
+        action="store_true",
+        help="the model is a PFE model (images -> [embedding, log variance]; a run dir means "
+        "its export/pfe.keras): score pairs with the mutual likelihood score",
+    )
     p.add_argument("--report", metavar="REPORT.json", help="write a JSON report here")
     p.add_argument("--plot-dir", metavar="DIR", help="write <target>_roc.png files here")
     p.add_argument("--ijb-meta", metavar="DIR", help="folder of the IJB meta files")
@@ -95,6 +112,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--ijb-meta and --ijb-images go together")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.pfe and args.ijb_meta:
+        parser.error("--pfe scores .bin and --pairs targets, not IJB templates")
 
 
 def _check_pairs(name: str, source: str, issame, folds: int = 10) -> None:
@@ -163,7 +182,10 @@ def run(args: argparse.Namespace) -> int:
         ijb.load_ijb_meta(args.ijb_meta, args.ijb_name)  # validate before the model loads
 
     # 2. The model.
-    model = models.load_embedding_model(args.model)
+    if args.pfe:
+        model = models.load_pfe_model(args.model)
+    else:
+        model = models.load_embedding_model(args.model)
     size = model.input_size or (112, 112)
     print(f"model: {model.description}", flush=True)
     if model.normalized_output:
@@ -175,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     # 3. Targets.
     results = []
+    qualities: dict[str, dict] = {}
     for name, _, content in targets:
         start = time.perf_counter()
         if hasattr(content, "issame"):
@@ -186,10 +209,30 @@ def run(args: argparse.Namespace) -> int:
         emb, flipped = verification.embed_pairs(
             model, images, args.batch_size, flip=flip, progress=True
         )
-        result = verification.evaluate_embeddings(name, emb, flipped, issame)
+        if args.pfe:
+            from facerec_tf.evaluation.quality import evaluate_pfe
+
+            d = model.embedding_size
+            result = evaluate_pfe(
+                name,
+                emb[:, :d],
+                emb[:, d:],
+                issame,
+                None if flipped is None else flipped[:, :d],
+                None if flipped is None else flipped[:, d:],
+            )
+            emb = emb[:, :d]
+        else:
+            result = verification.evaluate_embeddings(name, emb, flipped, issame)
         results.append(result)
         for line in result.lines():
             print(line)
+        if args.quality:
+            from facerec_tf.evaluation.quality import feature_norms, summarize_quality
+
+            summary = summarize_quality(name, feature_norms(emb))
+            qualities[name] = summary.to_dict()
+            print(summary.line().replace("] quality", "] quality (feature norm)"))
         print(
             f"[{name}][0]Time: {time.perf_counter() - start:.1f} s for {len(images)} images"
             f"{' (+ flips)' if flip else ''}",
@@ -218,7 +261,10 @@ def run(args: argparse.Namespace) -> int:
             "model_description": model.description,
             "normalized_output": model.normalized_output,
             "flip": flip,
+            "pfe": bool(args.pfe),
         }
+        if qualities:
+            meta["quality"] = qualities
         report.write_report(args.report, results, meta=meta)
         print(f"report: {args.report}")
     if args.plot_dir:

@@ -36,13 +36,17 @@ class DataConfig:
     verification_targets: tuple[str, ...] = ("lfw", "cfp_fp", "agedb_30")
     verification_dir: str = ""  # default: the data folder
     synthetic_verification_pairs: int = 600  # held-out identity pairs when source=synthetic
+    # K > 0: P x K batches (batch_size / K identities, K images each) for triplet and PFE
+    images_per_identity: int = 0
 
 
 @dataclass
 class ModelConfig:
     backbone: str = "iresnet50"
     embedding_size: int = 512
-    dropout: float = 0.0
+    dropout: float | None = None  # None = the backbone's default (0, Facenet 0.5)
+    l2_normalize: bool | None = None  # Facenet backbones only (their default: true)
+    pretrained: str = ""  # a backbone .keras file or run folder to start from (PFE: required)
     sync_batch_norm: bool = False  # per-replica BN statistics by default, as insightface
 
 
@@ -59,6 +63,41 @@ class HeadConfig:
     # with collectives; sample_rate < 1 trains each step on all positives + random negatives.
     partial_fc: bool = False
     sample_rate: float = 1.0
+    # Adaptive heads (None = the published default; see facerec_tf.heads.adaptive):
+    margin: float | None = None  # curricularface (0.5), adaface (0.4)
+    l_a: float | None = None  # magface: magnitude range and margin range, g weight
+    u_a: float | None = None
+    l_m: float | None = None
+    u_m: float | None = None
+    lambda_g: float | None = None
+    alpha: float | None = None  # curricularface: EMA rate of t
+    h: float | None = None  # adaface
+    t_alpha: float | None = None
+    beta: float | None = (
+        None  # sphereface_annealed: lambda = max(beta_min, beta (1+gamma i)^-power)
+    )
+    beta_min: float | None = None
+    gamma: float | None = None
+    power: float | None = None
+    beta_freeze: int | None = None
+
+
+@dataclass
+class LossConfig:
+    """Terms added to the head's cross entropy (each per example, averaged over the global
+    batch). See README "Losses and backbones"."""
+
+    softmax_weight: float = 1.0  # weight of the head's cross entropy
+    triplet_weight: float = 0.0  # Facenet triplet loss (needs data.images_per_identity >= 2)
+    triplet_margin: float | None = None  # None: 0.2 (euclidean), 0.35 (angular)
+    triplet_mining: str = "batch_hard"  # batch_hard, semi_hard, all
+    triplet_distance: str = "squared_euclidean"  # squared_euclidean, euclidean, angular
+    center_weight: float = 0.0  # center loss lambda (Wen et al. 2016)
+    center_alpha: float = 0.5  # centre update rate
+    distill_weight: float = 0.0  # embedding distillation from loss.teacher
+    distill_kind: str = "l2"  # l2 or angular
+    teacher: str = ""  # frozen teacher: a backbone .keras file or a run folder
+    pfe: bool = False  # train a PFE uncertainty head on the frozen model.pretrained backbone
 
 
 @dataclass
@@ -109,6 +148,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -175,7 +215,63 @@ PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "webface4m_r50": lambda: _dataset_preset("webface4m", 205990, 4235242, "iresnet50", warmup=2.0),
     "casia_r50": lambda: _dataset_preset("casia", 10572, 490623, "iresnet50", epochs=20),
     "quickstart": _quickstart,
+    # Issue-7 families (README "Losses and backbones"); each trains from train.py.
+    "casia_facenet_mobilenet": lambda: _facenet_preset("facenet_mobilenet"),
+    "casia_facenet_inception_resnetv1": lambda: _facenet_preset("facenet_inception_resnetv1"),
+    "casia_center_loss": lambda: _dataset_preset(
+        "casia",
+        10572,
+        490623,
+        "mobilefacenet",
+        head={"name": "softmax"},
+        loss={"center_weight": 0.003, "center_alpha": 0.5},
+    ),
+    "casia_sphereface_annealed": lambda: _dataset_preset(
+        "casia", 10572, 490623, "iresnet50", head={"name": "sphereface_annealed"}
+    ),
+    "ms1mv2_r100_magface": lambda: _dataset_preset(
+        "ms1mv2", 85742, 5822653, "iresnet100", head={"name": "magface"}
+    ),
+    "ms1mv2_r100_curricularface": lambda: _dataset_preset(
+        "ms1mv2", 85742, 5822653, "iresnet100", head={"name": "curricularface"}
+    ),
+    "ms1mv2_r100_adaface": lambda: _dataset_preset(
+        "ms1mv2", 85742, 5822653, "iresnet100", head={"name": "adaface"}
+    ),
+    # student VarGFaceNet + ArcFace, distilled from a teacher given with --set loss.teacher=
+    "ms1mv2_vargfacenet_distill": lambda: _dataset_preset(
+        "ms1mv2", 85742, 5822653, "vargfacenet", loss={"distill_weight": 1.0}
+    ),
+    # PFE on a trained backbone given with --set model.pretrained=
+    "ms1mv2_r50_pfe": lambda: _dataset_preset(
+        "ms1mv2",
+        85742,
+        5822653,
+        "iresnet50",
+        head={"name": "none"},
+        loss={"pfe": True, "softmax_weight": 0.0},
+        data={"images_per_identity": 4, "batch_size": 256},
+        schedule={"name": "cosine", "base_lr": 0.002, "total_steps": 12000},
+    ),
 }
+
+
+def _facenet_preset(backbone):
+    # bubbliiiing / davidsandberg Facenet: 160x160 CASIA, 128-d L2-normalised embedding,
+    # triplet loss (semi-hard, margin 0.2) + the softmax classifier trained jointly, P x K batches.
+    return _dataset_preset(
+        "casia",
+        10572,
+        490623,
+        backbone,
+        epochs=100,
+        model={"embedding_size": 128},
+        head={"name": "softmax"},
+        data={"image_size": [160, 160], "images_per_identity": 3, "batch_size": 96},
+        loss={"triplet_weight": 1.0, "triplet_mining": "semi_hard", "triplet_margin": 0.2},
+        optimizer={"name": "adamw", "weight_decay_mode": "decoupled", "weight_decay": 5e-4},
+        schedule={"name": "step", "base_lr": 1e-3, "lr_steps": [50.0, 75.0]},
+    )
 
 
 def list_presets() -> list[str]:
@@ -349,8 +445,46 @@ CHOICES = {
     "optimizer.weight_decay_mode": ("coupled", "decoupled"),
     "schedule.name": ("polynomial", "step", "cosine", "constant"),
     "runtime.precision": ("auto", "fp32", "mixed_float16", "mixed_bfloat16"),
-    "head.name": ("arcface", "cosface", "sphereface", "combined", "normface", "softmax"),
+    "head.name": (
+        "arcface",
+        "cosface",
+        "sphereface",
+        "combined",
+        "normface",
+        "softmax",
+        "magface",
+        "curricularface",
+        "adaface",
+        "sphereface_annealed",
+        "none",
+    ),
+    "loss.triplet_mining": ("batch_hard", "semi_hard", "all"),
+    "loss.triplet_distance": ("squared_euclidean", "euclidean", "angular"),
+    "loss.distill_kind": ("l2", "angular"),
 }
+
+MARGIN_KEYS = ("scale", "m1", "m2", "m3", "easy_margin", "interclass_filtering_threshold")
+# Config keys each head takes (others must stay unset).
+HEAD_KEYS = {
+    **{name: MARGIN_KEYS for name in ("arcface", "cosface", "sphereface", "combined", "normface")},
+    "softmax": (),
+    "none": (),
+    "magface": ("scale", "l_a", "u_a", "l_m", "u_m", "lambda_g", "easy_margin"),
+    "curricularface": ("scale", "margin", "alpha"),
+    "adaface": ("scale", "margin", "h", "t_alpha"),
+    "sphereface_annealed": ("scale", "m1", "beta", "beta_min", "gamma", "power", "beta_freeze"),
+}
+_HEAD_DEFAULTS = {"scale": 64.0, "easy_margin": False, "interclass_filtering_threshold": 0.0}
+
+
+def head_kwargs(head: HeadConfig) -> dict:
+    """The constructor arguments of ``head.name`` that the config sets."""
+    out = {}
+    for key in HEAD_KEYS[head.name]:
+        value = getattr(head, key)
+        if value is not None and not (key != "scale" and _HEAD_DEFAULTS.get(key) == value):
+            out[key] = value
+    return out
 
 
 def validate(config: TrainConfig) -> None:
@@ -381,6 +515,7 @@ def validate(config: TrainConfig) -> None:
         if value < 0:
             raise ConfigError(f"must be >= 0, got {value}", key=key)
     _validate_partial_fc(config)
+    _validate_losses(config)
     o = config.optimizer
     if o.weight_decay_mode == "decoupled" and o.centers_weight_decay_mult not in (0.0, 1.0):
         raise ConfigError(
@@ -406,7 +541,7 @@ def _validate_partial_fc(config: TrainConfig) -> None:
             )
         return
     unsupported = {
-        "head.name": h.name == "softmax",
+        "head.name": h.name not in ("arcface", "cosface", "sphereface", "combined", "normface"),
         "head.easy_margin": h.easy_margin,
         "head.interclass_filtering_threshold": h.interclass_filtering_threshold > 0,
         "optimizer.name": o.name != "sgd",
@@ -420,3 +555,46 @@ def _validate_partial_fc(config: TrainConfig) -> None:
                 "of the arcface/cosface/sphereface/combined/normface heads)",
                 key=key,
             )
+
+
+def _validate_losses(config: TrainConfig) -> None:
+    h, loss, d = config.head, config.loss, config.data
+    accepted = set(HEAD_KEYS[h.name])
+    for key in _fields(HeadConfig):
+        if key in ("name", "scale", "partial_fc", "sample_rate") or key in accepted:
+            continue
+        value = getattr(h, key)
+        if value is not None and _HEAD_DEFAULTS.get(key, None) != value:
+            valid = ", ".join(sorted(accepted)) or "none"
+            raise ConfigError(f"not used by head {h.name!r} (its keys: {valid})", key=f"head.{key}")
+    for key in ("softmax_weight", "triplet_weight", "center_weight", "distill_weight"):
+        if getattr(loss, key) < 0:
+            raise ConfigError(f"must be >= 0, got {getattr(loss, key)}", key=f"loss.{key}")
+    if d.images_per_identity < 0:
+        raise ConfigError("must be >= 0", key="data.images_per_identity")
+    if d.images_per_identity and d.batch_size % d.images_per_identity:
+        raise ConfigError(
+            f"data.batch_size {d.batch_size} is not a multiple of {d.images_per_identity}",
+            key="data.images_per_identity",
+        )
+    if (loss.triplet_weight > 0 or loss.pfe) and d.images_per_identity < 2:
+        raise ConfigError(
+            "triplet and PFE losses need several images per identity in each batch: set "
+            "data.images_per_identity (e.g. 4)",
+            key="data.images_per_identity",
+        )
+    # (a missing loss.teacher / model.pretrained is reported when the run is built, so that
+    # presets can leave them to the user)
+    if loss.pfe:
+        if h.name != "none":
+            raise ConfigError("PFE trains no classifier: set head.name=none", key="head.name")
+    elif h.name == "none" and loss.triplet_weight == 0:
+        raise ConfigError(
+            "without a classification head the run needs loss.triplet_weight > 0 or loss.pfe",
+            key="head.name",
+        )
+    extras = loss.triplet_weight or loss.center_weight or loss.distill_weight or loss.pfe
+    if h.partial_fc and extras:
+        raise ConfigError(
+            "Partial FC is trained with the margin softmax only", key="head.partial_fc"
+        )

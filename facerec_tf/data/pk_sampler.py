@@ -300,3 +300,44 @@ def decode_record_batch(image_size: tuple[int, int] = (112, 112)):
         return images, labels
 
     return fn
+
+
+def make_pk_tfrecord_dataset(
+    data_dir,
+    P: int,
+    K: int,
+    *,
+    seed: int = 0,
+    image_size: tuple[int, int] = (112, 112),
+    input_context=None,
+    shuffle_buffer: int = 8192,
+    group_shuffle_buffer: int = 256,
+):
+    """P x K batches from the converter's TFRecord shards (what ``train.py`` uses with
+    ``data.images_per_identity``): this input pipeline's shards, repeated, interleaved and
+    shuffled as serialized records, grouped by :func:`pk_batches`, then decoded (JPEG
+    header checked). No augmentation. Memory: see :func:`pk_batches`.
+
+    Returns ``(uint8 [P*K, H, W, 3], int32 [P*K])`` batches.
+    """
+    tf = _tf()
+    from facerec_tf.data.pipeline import list_shards
+
+    files = list_shards(data_dir)
+    pipelines, pipeline_id = 1, 0
+    if input_context is not None:
+        pipelines = int(input_context.num_input_pipelines)
+        pipeline_id = int(input_context.input_pipeline_id)
+    mine = files[pipeline_id::pipelines] or files
+    ds = tf.data.Dataset.from_tensor_slices(mine).repeat()
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=max(1, min(len(mine), 16)), block_length=1
+    )
+    if shuffle_buffer > 1:
+        ds = ds.shuffle(int(shuffle_buffer), seed=int(seed) + pipeline_id)
+    ds = ds.map(parse_record_label)
+    ds = pk_batches(
+        ds, P, K, seed=int(seed) + pipeline_id, group_shuffle_buffer=group_shuffle_buffer
+    )
+    ds = ds.map(decode_record_batch(image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -427,3 +427,54 @@ def load_images(
         h, w = image_size or (0, 0)
         return np.zeros((0, h, w, 3), np.uint8)
     return np.stack(out)
+
+
+def load_pfe_model(path: PathLike) -> EmbeddingModel:
+    """A PFE model (``images -> [embedding, log sigma^2]``, what ``train.py`` writes to
+    ``OUTPUT/export/pfe.keras`` with ``loss.pfe``): a ``.keras`` file or a run directory.
+
+    The returned model's call gives ``[N, 2 D]``: the raw embedding, then the log variance;
+    ``embedding_size`` is ``D``.
+    """
+    import keras
+    import tensorflow as tf
+
+    import facerec_tf.losses
+    import facerec_tf.models  # noqa: F401
+
+    given = os.fspath(path)
+    candidates = [given]
+    if os.path.isdir(given):
+        candidates = [os.path.join(given, "export", "pfe.keras"), os.path.join(given, "pfe.keras")]
+    file = next((c for c in candidates if os.path.isfile(c)), None)
+    if file is None:
+        raise ModelLoadError(
+            "no PFE model here",
+            path=given,
+            expected="a .keras PFE model or a run directory "
+            "with export/pfe.keras (train.py with loss.pfe=true)",
+        )
+    try:
+        model = keras.models.load_model(file, compile=False)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load: {str(e).splitlines()[0][:200]}", path=file) from None
+    if len(model.outputs) != 2:
+        raise ModelLoadError(
+            f"the model has {len(model.outputs)} outputs",
+            path=file,
+            expected="a PFE model with two outputs [embedding, log variance]",
+        )
+    dim = int(model.outputs[0].shape[-1])
+    fn = tf.function(lambda x: tf.concat(model(x, training=False), axis=1))
+    shape = model.inputs[0].shape
+    size = (int(shape[1]), int(shape[2])) if shape[1] and shape[2] else None
+    description = f"PFE Keras model from {file} ({dim}-d embedding + log variance)"
+    return EmbeddingModel(
+        path=file,
+        kind="keras-pfe",
+        input_size=size,
+        embedding_size=dim,
+        normalized_output=False,
+        description=description,
+        _run=lambda x: fn(tf.constant(x)).numpy(),
+    )

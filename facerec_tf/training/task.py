@@ -92,30 +92,45 @@ class FaceRecognitionTask:
 
         m = self.config.model
         h, w = self.image_size
-        backbone = create_backbone(
-            m.backbone, embedding_size=m.embedding_size, dropout=m.dropout, input_shape=(h, w, 3)
-        )
+        kwargs = {"embedding_size": m.embedding_size, "input_shape": (h, w, 3)}
+        for key in ("dropout", "l2_normalize"):
+            if getattr(m, key) is not None:
+                kwargs[key] = getattr(m, key)
+        try:
+            backbone = create_backbone(m.backbone, **kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e), key="model.backbone") from e
+        if m.pretrained:
+            source = load_backbone(m.pretrained, key="model.pretrained")
+            try:
+                backbone.set_weights(source.get_weights())
+            except ValueError as e:
+                raise ConfigError(
+                    f"{m.pretrained} does not fit {m.backbone} with embedding "
+                    f"{m.embedding_size} at {h}x{w}: {e}",
+                    key="model.pretrained",
+                ) from e
         if m.sync_batch_norm:
             set_synchronized_batch_norm(backbone, True)
         return backbone
 
     def build_head(self):
+        """The classification head, or ``None`` for ``head.name=none``."""
+        from facerec_tf.config import head_kwargs
         from facerec_tf.heads import create_head
 
         h = self.config.head
-        kwargs = {}
-        if h.name != "softmax":
-            kwargs = {
-                "scale": h.scale,
-                "easy_margin": h.easy_margin,
-                "interclass_filtering_threshold": h.interclass_filtering_threshold,
-            }
-            for key in ("m1", "m2", "m3"):
-                if getattr(h, key) is not None:
-                    kwargs[key] = getattr(h, key)
-        head = create_head(h.name, self.num_classes, **kwargs)
+        if h.name == "none":
+            return None
+        head = create_head(h.name, self.num_classes, **head_kwargs(h))
         head.build((None, self.config.model.embedding_size))
         return head
+
+    def build_objective(self, backbone, head):
+        """The per-example loss terms (see :mod:`facerec_tf.training.objective`)."""
+        from facerec_tf.training.objective import Objective
+
+        return Objective(self, backbone, head)
 
     def build_partial_fc(self, strategy, global_batch: int):
         """The sharded classifier (``head.partial_fc``): the head's margin, centres split
@@ -149,6 +164,8 @@ class FaceRecognitionTask:
         r = self.config.runtime
 
         def fn(input_context=None, start_batch=0):
+            if d.images_per_identity:
+                return self._pk_dataset(per_replica_batch, input_context, start_batch)
             if d.source == SYNTHETIC:
                 from facerec_tf.data.synthetic import make_synthetic_dataset
 
@@ -181,6 +198,36 @@ class FaceRecognitionTask:
             return ds.skip(start_batch) if start_batch else ds
 
         return fn
+
+    def _pk_dataset(self, per_replica_batch, input_context, start_batch):
+        """P x K batches: ``batch_size / K`` distinct identities, K images of each."""
+        d, r = self.config.data, self.config.runtime
+        k = d.images_per_identity
+        p = per_replica_batch // k
+        if d.source == SYNTHETIC:
+            from facerec_tf.data.pk_sampler import pk_synthetic_dataset
+
+            return pk_synthetic_dataset(
+                self.num_classes,
+                p,
+                k,
+                seed=r.seed,
+                image_size=self.image_size,
+                input_context=input_context,
+                start_batch=start_batch,
+            )
+        from facerec_tf.data.pk_sampler import make_pk_tfrecord_dataset
+
+        ds = make_pk_tfrecord_dataset(
+            d.source,
+            p,
+            k,
+            seed=r.seed,
+            image_size=self.image_size,
+            input_context=input_context,
+            shuffle_buffer=d.shuffle_buffer,
+        )
+        return ds.skip(start_batch) if start_batch else ds
 
     def verification_sets(self):
         """``[(name, uint8 images [2N, H, W, 3], issame [N])]`` for in-training verification."""
@@ -221,3 +268,29 @@ def set_synchronized_batch_norm(model, synchronized: bool) -> None:
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = synchronized
+
+
+def load_backbone(path: str, *, key: str):
+    """A saved embedding model: a ``.keras`` file, or a run folder (its
+    ``export/backbone.keras``, else ``best/backbone.keras``)."""
+    import keras
+
+    import facerec_tf.models  # noqa: F401  (registers the backbone classes)
+
+    candidates = [path]
+    if os.path.isdir(path):
+        candidates = [
+            os.path.join(path, "export", "backbone.keras"),
+            os.path.join(path, "best", "backbone.keras"),
+            os.path.join(path, "backbone.keras"),
+        ]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            try:
+                return keras.models.load_model(candidate, compile=False)
+            except Exception as e:  # keras raises many types here
+                raise ConfigError(f"cannot load {candidate}: {e}", key=key) from e
+    raise ConfigError(
+        f"no model at {path} (expected a .keras file or a run folder with export/backbone.keras)",
+        key=key,
+    )

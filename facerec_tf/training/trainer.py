@@ -99,28 +99,34 @@ class Trainer:
             keras.mixed_precision.set_dtype_policy("float32")
         keras.utils.set_random_seed(rt.seed)
 
-        self.head = self.partial_fc = None
+        self.head = self.partial_fc = self.objective = None
         with strategy.scope():
             self.backbone = task.build_backbone()
             if self.config.head.partial_fc:
                 self.partial_fc = task.build_partial_fc(strategy, self.global_batch)
+                backbone_variables = self.backbone.trainable_variables
                 head_variables, centers = [], []
             else:
                 self.head = task.build_head()
-                head_variables = self.head.trainable_variables
-                centers = getattr(getattr(self.head, "centers", None), "kernel", None)
-                centers = [centers] if centers is not None else []
+                self.objective = task.build_objective(self.backbone, self.head)
+                backbone_variables = self.objective.backbone_variables
+                head_variables = self.objective.head_variables
+                centers = self.objective.centers
             self.schedule = build_schedule(
                 self.config.schedule, self.steps_per_epoch, self.total_steps
             )
             self.optimizer = build_optimizer(
                 self.config.optimizer, self.schedule, self.precision, centers
             )
-            self.variables = self.backbone.trainable_variables + head_variables
+            self.variables = backbone_variables + head_variables
+            # the clipped part: the backbone, or the PFE head when the backbone is frozen
+            self.num_backbone_variables = len(backbone_variables) or (
+                len(head_variables) if self.config.loss.pfe else 0
+            )
             self.optimizer.build(self.variables)
             self.decay = coupled_decay_multipliers(
                 self.config.optimizer,
-                self.backbone.trainable_variables,
+                backbone_variables,
                 head_variables,
                 centers,
             )
@@ -133,7 +139,10 @@ class Trainer:
         # devices are not trackable anyway).
         self.iterator = None
         classifier = (
-            {"head": self.head}
+            {
+                **({"head": self.head} if self.head is not None else {}),
+                **self.objective.trackables(),
+            }
             if self.partial_fc is None
             # [C, D] host copies, filled before each save: re-shardable on restore
             else {"partial_fc": tf.train.Checkpoint(**self.partial_fc.host_variables())}
@@ -181,7 +190,6 @@ class Trainer:
         return tf.cast(scale, tf.float32) if scale is not None else tf.constant(1.0)
 
     def _replica_step(self, images, labels):
-        import keras
         import tensorflow as tf
 
         from facerec_tf.training.optim import process_gradients
@@ -189,13 +197,9 @@ class Trainer:
         if self.partial_fc is not None:
             return self._partial_fc_step(images, labels)
         clip = self.config.optimizer.clip_norm
-        n_backbone = len(self.backbone.trainable_variables)
         with tf.GradientTape() as tape:
-            embeddings = self.backbone(images, training=True)
-            logits = self.head(embeddings, labels)
-            per_example = keras.losses.sparse_categorical_crossentropy(
-                labels, logits, from_logits=True
-            )
+            out = self.objective(images, labels)
+            per_example = tf.add_n(list(out.terms.values()))
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
             scaled = (
                 self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
@@ -204,14 +208,19 @@ class Trainer:
         ctx = tf.distribute.get_replica_context()
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         grads, grad_norm = process_gradients(
-            grads, self.variables, self.decay, n_backbone, clip, self._loss_scale()
+            grads, self.variables, self.decay, self.num_backbone_variables, clip, self._loss_scale()
         )
         self.optimizer.apply_gradients(zip(grads, self.variables))
-        correct = tf.reduce_sum(
-            tf.cast(tf.equal(tf.argmax(logits, axis=1, output_type=tf.int32), labels), tf.float32)
-        )
-        norm = tf.reduce_sum(tf.norm(tf.cast(embeddings, tf.float32), axis=1))
-        return {"loss": loss, "correct": correct, "norm_sum": norm, "grad_norm": grad_norm}
+        correct = tf.constant(0.0)
+        if out.logits is not None:
+            predicted = tf.argmax(out.logits, axis=1, output_type=tf.int32)
+            correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
+        norm = tf.reduce_sum(tf.norm(tf.cast(out.embeddings, tf.float32), axis=1))
+        figures = {"loss": loss, "correct": correct, "norm_sum": norm, "grad_norm": grad_norm}
+        if len(out.terms) > 1:  # each term's share of the global-batch mean
+            for name, value in out.terms.items():
+                figures[f"term_{name}"] = tf.reduce_sum(value) / float(self.global_batch)
+        return figures
 
     def _partial_fc_step(self, images, labels):
         """The step with sharded centres: the backbone goes through the Keras optimiser, the
@@ -380,11 +389,38 @@ class Trainer:
         if self._verification is None:
             self._verification = self.task.verification_sets()
         results = {}
+        if self.objective is not None and self.objective.uncertainty is not None:
+            return self._verify_pfe()
         embed = self._embed_fn()
         for name, images, issame in self._verification:
             emb, flipped = embed_pairs(lambda b: embed(b).numpy(), images, batch_size=64, flip=True)
             results[name] = evaluate_embeddings(name, emb, flipped, issame)
         return results
+
+    def _verify_pfe(self) -> dict:
+        """PFE runs: pairs scored with the mutual likelihood score (flipped copies fused)."""
+        import tensorflow as tf
+
+        from facerec_tf.evaluation.quality import evaluate_pfe
+        from facerec_tf.evaluation.verification import embed_pairs
+
+        model = self._pfe_model()
+        fn = tf.function(lambda x: tf.concat(model(tf.cast(x, tf.float32), training=False), 1))
+        dim = self.backbone.embedding_size
+        results = {}
+        for name, images, issame in self._verification:
+            out, flipped = embed_pairs(lambda b: fn(b).numpy(), images, batch_size=64, flip=True)
+            results[name] = evaluate_pfe(
+                name, out[:, :dim], out[:, dim:], issame, flipped[:, :dim], flipped[:, dim:]
+            )
+        return results
+
+    def _pfe_model(self):
+        from facerec_tf.losses.pfe import build_pfe_model
+
+        if getattr(self, "_pfe", None) is None:
+            self._pfe = build_pfe_model(self.backbone, self.objective.uncertainty)
+        return self._pfe
 
     # ---- the loop ----------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -462,6 +498,7 @@ class Trainer:
                     "loss_scale": float(self._loss_scale().numpy()),
                     "embedding_norm": float(out["norm_sum"].numpy()) / self.global_batch,
                     "grad_norm": float(out["grad_norm"].numpy()),
+                    **{k: float(v.numpy()) for k, v in out.items() if k.startswith("term_")},
                 }
                 with self.writer.as_default(step=step):
                     for k, v in figures.items():
@@ -472,6 +509,9 @@ class Trainer:
                     f"loss {loss:.4f} acc {figures['accuracy']:.3f} lr {figures['learning_rate']:.5f} "
                     f"{ips:.1f} img/s norm {figures['embedding_norm']:.2f} "
                     f"scale {figures['loss_scale']:g} ETA {_format_seconds(eta)}"
+                    + "".join(
+                        f" {k[5:]} {v:.4f}" for k, v in figures.items() if k.startswith("term_")
+                    )
                 )
                 self.history.append({"step": step, **figures})
                 window_start, window_images = time.perf_counter(), 0
@@ -537,6 +577,9 @@ class Trainer:
         folder = os.path.join(self.output_dir, "export")
         self._save_backbone(os.path.join(folder, "backbone.keras"))
         export_for_serving(self.backbone, os.path.join(folder, "saved_model"), overwrite=True)
+        if self.objective is not None and self.objective.uncertainty is not None:
+            # images -> [embedding, log sigma^2], for evaluate.py --pfe
+            self._pfe_model().save(os.path.join(folder, "pfe.keras"))
         self._log(f"exported the embedding model to {folder}")
         return folder
 
