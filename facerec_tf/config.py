@@ -440,29 +440,6 @@ def resolve(name_or_file: str, overrides: typing.Iterable[str] = ()) -> TrainCon
     return merge(config, parse_overrides(overrides))
 
 
-CHOICES = {
-    "optimizer.name": ("sgd", "adamw"),
-    "optimizer.weight_decay_mode": ("coupled", "decoupled"),
-    "schedule.name": ("polynomial", "step", "cosine", "constant"),
-    "runtime.precision": ("auto", "fp32", "mixed_float16", "mixed_bfloat16"),
-    "head.name": (
-        "arcface",
-        "cosface",
-        "sphereface",
-        "combined",
-        "normface",
-        "softmax",
-        "magface",
-        "curricularface",
-        "adaface",
-        "sphereface_annealed",
-        "none",
-    ),
-    "loss.triplet_mining": ("batch_hard", "semi_hard", "all"),
-    "loss.triplet_distance": ("squared_euclidean", "euclidean", "angular"),
-    "loss.distill_kind": ("l2", "angular"),
-}
-
 MARGIN_KEYS = ("scale", "m1", "m2", "m3", "easy_margin", "interclass_filtering_threshold")
 # Config keys each head takes (others must stay unset).
 HEAD_KEYS = {
@@ -474,6 +451,19 @@ HEAD_KEYS = {
     "adaface": ("scale", "margin", "h", "t_alpha"),
     "sphereface_annealed": ("scale", "m1", "beta", "beta_min", "gamma", "power", "beta_freeze"),
 }
+
+
+CHOICES = {
+    "head.name": tuple(HEAD_KEYS),  # facerec_tf.heads.list_heads() + "none"
+    "optimizer.name": ("sgd", "adamw"),
+    "optimizer.weight_decay_mode": ("coupled", "decoupled"),
+    "schedule.name": ("polynomial", "step", "cosine", "constant"),
+    "runtime.precision": ("auto", "fp32", "mixed_float16", "mixed_bfloat16"),
+    "loss.triplet_mining": ("batch_hard", "semi_hard", "all"),
+    "loss.triplet_distance": ("squared_euclidean", "euclidean", "angular"),
+    "loss.distill_kind": ("l2", "angular"),
+}
+
 _HEAD_DEFAULTS = {"scale": 64.0, "easy_margin": False, "interclass_filtering_threshold": 0.0}
 
 

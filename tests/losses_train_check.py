@@ -29,7 +29,7 @@ SMALL = [
     "data.num_images=16000",
     "data.synthetic_verification_pairs=0",
     "data.batch_size=16",
-    "model.backbone=iresnet18",
+    "model.backbone=iresnet10",
     "model.embedding_size=32",
     "data.image_size=32,32",
     "schedule.name=constant",
@@ -44,7 +44,7 @@ STEPS = 8
 
 # name -> (preset, overrides); "{teacher}" is the backbone saved by the first case.
 CASES = {
-    "center_loss": ("casia_center_loss", ["model.backbone=iresnet18", "loss.center_weight=0.1"]),
+    "center_loss": ("casia_center_loss", ["model.backbone=iresnet10", "loss.center_weight=0.1"]),
     "magface": ("ms1mv2_r100_magface", ["head.scale=32", "head.l_a=2", "head.u_a=40"]),
     "curricularface": ("ms1mv2_r100_curricularface", ["head.scale=32"]),
     "adaface": ("ms1mv2_r100_adaface", ["head.scale=32"]),
@@ -64,7 +64,7 @@ CASES = {
     "angular_triplet": (
         "casia_facenet_mobilenet",
         [
-            "model.backbone=iresnet18",
+            "model.backbone=iresnet10",
             "head.name=none",
             "loss.triplet_distance=angular",
             "loss.triplet_mining=semi_hard",
@@ -75,7 +75,7 @@ CASES = {
     "vargfacenet_distill": (
         "ms1mv2_vargfacenet_distill",
         [
-            "model.backbone=iresnet18",
+            "model.backbone=iresnet10",
             "head.scale=32",
             "loss.teacher={teacher}",
             "loss.distill_weight=20",

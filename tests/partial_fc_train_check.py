@@ -27,7 +27,7 @@ from facerec_tf.training.trainer import Trainer  # noqa: E402
 
 SMALL = [
     "data.source=synthetic",
-    "model.backbone=iresnet18",
+    "model.backbone=iresnet10",
     "model.embedding_size=32",
     "model.sync_batch_norm=true",
     "data.image_size=32,32",

@@ -5,12 +5,8 @@ training run."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -426,18 +422,9 @@ def test_round_trip_keeps_config_weights_and_state(name, tmp_path):
 
 @pytest.mark.slow
 def test_mirrored_strategy_state_equals_single_device():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "adaptive_heads_check.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    from checks import run_check
+
+    result = run_check("adaptive_heads_check.py")
     assert set(result) == set(ADAPTIVE)
     for name, r in result.items():
         assert r["replicas_equal"], (name, r)

@@ -6,11 +6,7 @@ logical CPU devices.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -195,18 +191,9 @@ def test_short_training_run_decreases_the_center_term():
 
 @pytest.mark.slow
 def test_mirrored_strategy_update_equals_single_device_update():
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    from checks import run_check
+
+    result = run_check("center_loss_check.py")
     assert result["num_replicas"] == 2
     assert "ONLY_FIRST_REPLICA" in result["aggregation"]
     assert result["copies_equal"] and result["absent_class_unchanged"], result

@@ -6,14 +6,11 @@ logical CPU devices.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from checks import run_check
 
 from facerec_tf.heads.partial_fc import shard_bounds
 
@@ -22,18 +19,7 @@ SCRIPT = ROOT / "tests" / "partial_fc_check.py"
 
 
 def check(*args) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    out = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_check("partial_fc_check.py", *args)
 
 
 def test_shard_bounds_are_contiguous_blocks():
@@ -73,22 +59,8 @@ def test_save_on_four_replicas_resume_on_two(tmp_path):
     assert loaded["loss"] == pytest.approx(saved["loss"], abs=1e-6)
 
 
-TRAIN_SCRIPT = ROOT / "tests" / "partial_fc_train_check.py"
-
-
 def train_check(mode, folder) -> dict:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("TF_CONFIG", None)
-    out = subprocess.run(
-        [sys.executable, str(TRAIN_SCRIPT), mode, str(folder)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_check("partial_fc_train_check.py", mode, folder)
 
 
 @pytest.mark.slow

@@ -1,8 +1,8 @@
 """End-to-end training through ``train.py``: strategies, exact resume, NaN stop, real faces.
 
 Each run is a subprocess (logical CPU devices and op determinism must be configured before
-TensorFlow starts). Small images (32x32, the head's flatten adapts) and iresnet18 keep every
-run to seconds; the graph of iresnet18 traces faster than MobileFaceNet's.
+TensorFlow starts). Small images (32x32, the head's flatten adapts) and iresnet10 keep every
+run to seconds; the graph of iresnet10 traces faster than MobileFaceNet's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMEOUT = 300
 
 SMALL = [
-    "model.backbone=iresnet18",
+    "model.backbone=iresnet10",
     "model.embedding_size=64",
     "data.image_size=32,32",
     "data.num_classes=50",

@@ -19,6 +19,7 @@ from facerec_tf.models import blocks
 from facerec_tf.models.backbone import INPUT_SHAPE, Backbone
 
 IRESNET_STAGES = {
+    10: (1, 1, 1, 1),  # not in arcface_torch: a quick CPU depth for smoke runs and tests
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
     50: (3, 4, 14, 3),
@@ -67,7 +68,7 @@ class IResNetBackbone(Backbone):
     """IResNet / IR-SE face-embedding backbone.
 
     Args:
-        depth: one of the keys of :data:`IRESNET_STAGES` (18, 34, 50, 100, 200).
+        depth: one of the keys of :data:`IRESNET_STAGES` (10, 18, 34, 50, 100, 200).
         se: add a squeeze-excitation unit (ratio ``se_ratio``) to every residual unit.
         embedding_size: output dimension (512 in insightface).
         dropout: dropout rate before the flatten of head "E" (arcface_torch uses 0).

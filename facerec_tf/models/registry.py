@@ -12,6 +12,7 @@ from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
 from facerec_tf.models.vargfacenet import VarGFaceNetBackbone
 
 BACKBONES: dict[str, tuple[type, dict]] = {
+    "iresnet10": (IResNetBackbone, {"depth": 10}),  # CPU smoke runs and tests
     "iresnet18": (IResNetBackbone, {"depth": 18}),
     "iresnet34": (IResNetBackbone, {"depth": 34}),
     "iresnet50": (IResNetBackbone, {"depth": 50}),

@@ -302,8 +302,9 @@ class Trainer:
 
         def loop(iterator):
             out = one_step(iterator)
-            for _ in tf.range(steps - 1):  # figures of the last step are returned
-                out = one_step(iterator)
+            if steps > 1:  # a Python test: with one step per call the step is traced once
+                for _ in tf.range(steps - 1):  # figures of the last step are returned
+                    out = one_step(iterator)
             return out
 
         return tf.function(loop)
