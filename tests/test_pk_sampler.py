@@ -230,3 +230,30 @@ def test_tiny_convnet_triplet_training_on_pk_batches(base):
 
     losses = [float(step()) for _ in range(30)]
     assert losses[0] > 0.1 and np.mean(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_pk_batches_from_converted_yale_tfrecords(rec_dir, tmp_path):
+    """The TFRecord route of train.py: the MXNet-written yale112 .rec converted to shards,
+    then P x K batches of real faces (decoded 112x112 uint8, flipped per image)."""
+    from facerec_tf.data.convert import convert
+    from facerec_tf.data.pk_sampler import make_pk_tfrecord_dataset
+
+    convert(rec_dir / "yale112", tmp_path / "tfr", num_shards=3, seed=1, progress=False)
+    P, K = 4, 3
+    ds = make_pk_tfrecord_dataset(tmp_path / "tfr", P, K, seed=0, shuffle_buffer=64)
+    plain = make_pk_tfrecord_dataset(
+        tmp_path / "tfr", P, K, seed=0, shuffle_buffer=64, random_flip=False
+    )
+    assert ds.element_spec[0].shape.as_list() == [P * K, 112, 112, 3]
+    flipped = 0
+    for (images, labels), (raw, raw_labels) in zip(ds.take(6), plain.take(6)):
+        labels = labels.numpy()
+        assert np.array_equal(labels, raw_labels.numpy())
+        assert images.dtype == tf.uint8 and set(labels) <= set(range(15))
+        groups = labels.reshape(P, K)
+        assert (groups == groups[:, :1]).all() and len(set(groups[:, 0])) == P
+        for a, b in zip(images.numpy(), raw.numpy()):
+            if not np.array_equal(a, b):
+                assert np.array_equal(a, b[:, ::-1])  # a mirror image, nothing else
+                flipped += 1
+    assert 0 < flipped < 6 * P * K

@@ -312,11 +312,13 @@ def make_pk_tfrecord_dataset(
     input_context=None,
     shuffle_buffer: int = 8192,
     group_shuffle_buffer: int = 256,
+    random_flip: bool = True,
 ):
     """P x K batches from the converter's TFRecord shards (what ``train.py`` uses with
     ``data.images_per_identity``): this input pipeline's shards, repeated, interleaved and
     shuffled as serialized records, grouped by :func:`pk_batches`, then decoded (JPEG
-    header checked). No augmentation. Memory: see :func:`pk_batches`.
+    header checked) and, with ``random_flip``, mirrored per image with seeded stateless
+    draws (the TFRecord pipeline's flip). Memory: see :func:`pk_batches`.
 
     Returns ``(uint8 [P*K, H, W, 3], int32 [P*K])`` batches.
     """
@@ -340,4 +342,16 @@ def make_pk_tfrecord_dataset(
         ds, P, K, seed=int(seed) + pipeline_id, group_shuffle_buffer=group_shuffle_buffer
     )
     ds = ds.map(decode_record_batch(image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    if random_flip:
+        from facerec_tf.data.pipeline import AugmentConfig, _augment_batch
+
+        flip_only = AugmentConfig(random_flip=True)
+        flip_seed = int(seed) * 1000003 + pipeline_id
+
+        def flip(index, batch):
+            images, labels = batch
+            seed_pair = tf.stack([tf.constant(flip_seed, tf.int64), index])
+            return _augment_batch(images, seed_pair, flip_only), labels
+
+        ds = ds.enumerate().map(flip, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)

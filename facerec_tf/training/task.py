@@ -226,6 +226,7 @@ class FaceRecognitionTask:
             image_size=self.image_size,
             input_context=input_context,
             shuffle_buffer=d.shuffle_buffer,
+            random_flip=d.random_flip,
         )
         return ds.skip(start_batch) if start_batch else ds
 
