@@ -33,6 +33,7 @@ from facerec_tf.data.synthetic import (
     _key_hash,
     _normalize,
     _tf,
+    indexed_batches,
     render_faces,
 )
 
@@ -155,15 +156,7 @@ def pk_synthetic_dataset(
             images = _normalize(images)
         return images, tf.ensure_shape(tf.cast(labels, tf.int32), [batch])
 
-    ds = tf.data.Dataset.range(int(start_batch), 2**62)
-    ds = ds.map(
-        tf.autograph.experimental.do_not_convert(render),
-        num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE,
-        deterministic=deterministic,
-    )
-    options = tf.data.Options()
-    options.deterministic = bool(deterministic)
-    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+    return indexed_batches(render, start_batch, num_parallel_calls, deterministic)
 
 
 def pk_batches(

@@ -566,6 +566,13 @@ def make_synthetic_dataset(
             images = _normalize(images)
         return images, tf.cast(labels, tf.int32)
 
+    return indexed_batches(render, start_batch, num_parallel_calls, deterministic)
+
+
+def indexed_batches(render, start_batch=0, num_parallel_calls=None, deterministic=True):
+    """An infinite dataset of ``render(batch_index)`` for ``start_batch, start_batch + 1,
+    ...``: every batch a pure function of its index (resume = start later)."""
+    tf = _tf()
     ds = tf.data.Dataset.range(int(start_batch), 2**62)
     ds = ds.map(
         # Plain TF code without data-dependent Python control flow: no AutoGraph needed.
@@ -575,8 +582,7 @@ def make_synthetic_dataset(
     )
     options = tf.data.Options()
     options.deterministic = bool(deterministic)
-    ds = ds.with_options(options)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 _GRAPH_RENDER = None

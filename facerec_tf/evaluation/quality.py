@@ -46,11 +46,10 @@ import numpy as np
 from facerec_tf.errors import FacerecError
 from facerec_tf.evaluation.verification import (
     VERIFICATION_FARS,
-    VerificationResult,
     _accuracy,
     _folds,
     _val_far,
-    roc_summary,
+    result_from_metrics,
     slinear_interp,
 )
 
@@ -207,24 +206,8 @@ def evaluate_pfe(
     m = score_verification_metrics(
         scores, issame, num_folds=num_folds, max_thresholds=max_thresholds
     )
-    roc, auc, eer, tars = roc_summary(scores, issame, fars)
-    return VerificationResult(
-        name=name,
-        accuracy=float(np.mean(m["accuracy"])),
-        accuracy_std=float(np.std(m["accuracy"])),
-        best_threshold=float(np.mean(m["best_thresholds"])),
-        val_at_far_1e3=m["val"],
-        val_std=m["val_std"],
-        far=m["far"],
-        num_pairs=len(issame),
-        xnorm=float(np.mean(norms)),
-        auc=auc,
-        eer=eer,
-        tar_at_far=tars,
-        num_same=int(np.sum(issame)),
-        num_diff=int(np.sum(~issame)),
-        flip=flipped_mu is not None,
-        roc=roc,
+    return result_from_metrics(
+        name, m, scores, issame, float(np.mean(norms)), fars, flip=flipped_mu is not None
     )
 
 

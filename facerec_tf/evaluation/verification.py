@@ -324,7 +324,16 @@ def evaluate_embeddings(
     total = embeddings if flipped_embeddings is None else embeddings + flipped_embeddings
     total = l2_normalize(total)
     m = verification_metrics(total[0::2], total[1::2], issame, num_folds=num_folds)
-    roc, auc, eer, tars = roc_summary(-m["dist"], issame, fars)
+    return result_from_metrics(
+        name, m, -m["dist"], issame, xnorm, fars, flip=flipped_embeddings is not None
+    )
+
+
+def result_from_metrics(name, m, scores, issame, xnorm, fars, *, flip) -> VerificationResult:
+    """A :class:`VerificationResult` from 10-fold metrics ``m`` (accuracy per fold, best
+    thresholds, VAL/FAR) and per-pair similarity ``scores`` (higher = same) for the ROC."""
+    issame = np.asarray(issame, bool)
+    roc, auc, eer, tars = roc_summary(scores, issame, fars)
     return VerificationResult(
         name=name,
         accuracy=float(np.mean(m["accuracy"])),
@@ -340,7 +349,7 @@ def evaluate_embeddings(
         tar_at_far=tars,
         num_same=int(np.sum(issame)),
         num_diff=int(np.sum(~issame)),
-        flip=flipped_embeddings is not None,
+        flip=flip,
         roc=roc,
     )
 

@@ -135,13 +135,11 @@ class FaceRecognitionTask:
     def build_partial_fc(self, strategy, global_batch: int):
         """The sharded classifier (``head.partial_fc``): the head's margin, centres split
         over the strategy's replicas."""
-        import dataclasses as dc
-
         from facerec_tf.heads import MARGIN_PRESETS
         from facerec_tf.heads.partial_fc import PartialFC
 
         h = self.config.head
-        spec = dc.asdict(MARGIN_PRESETS[h.name])
+        spec = dataclasses.asdict(MARGIN_PRESETS[h.name])
         margins = {k: getattr(h, k) if getattr(h, k) is not None else spec[k] for k in spec}
         return PartialFC(
             self.num_classes,
