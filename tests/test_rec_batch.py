@@ -1,6 +1,7 @@
-"""The converter's vectorised fast path agrees with the careful per-record path.
+"""The converter's fast paths agree with the careful per-record path.
 
-:func:`facerec_tf.data.rec_batch.check_records` may only say "ok" for a record that the
+:func:`facerec_tf.data.rec_batch.check_records` (NumPy) and its C twin
+:func:`facerec_tf.data.fastrec.check_records` may only say "ok" for a record that the
 per-record path (``_ImageReader.read_image`` + ``jpeg_info`` + the acceptance rules) accepts
 with the same payload; everything it does not recognise must be left to that path.
 """
@@ -13,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 
+from facerec_tf.data import fastrec
 from facerec_tf.data.convert import _SOF_SUPPORTED, _ImageReader, jpeg_info
 from facerec_tf.data.rec_batch import check_records
 from facerec_tf.data.recordio import RecordIOReader
@@ -39,13 +41,31 @@ def careful(reader: _ImageReader, key: int, label: int, expected, max_side: int)
     return image
 
 
+@pytest.fixture(params=["numpy", "c"], autouse=True)
+def impl(request, monkeypatch):
+    """Every test runs against both fast paths: the NumPy one and the C accelerator's."""
+    if request.param == "c" and not fastrec.available():
+        pytest.skip("the C accelerator is not built (facerec_tf.data._fastrec)")
+    monkeypatch.setitem(_IMPL, "check", request.param)
+    return request.param
+
+
+_IMPL = {"check": "numpy"}
+
+
 def fast(rec_path, keys, labels, expected=(112, 112), max_side=4096):
     reader = _ImageReader(str(rec_path), str(pathlib.Path(rec_path).with_suffix(".idx")), 4096)
     try:
         offsets = reader.reader.offsets_of(np.asarray(keys))
         data = np.fromfile(rec_path, dtype=np.uint8)
-        ok, start, end = check_records(
-            data, offsets, np.asarray(labels), expected_size=expected, max_side=max_side
+        check = check_records if _IMPL["check"] == "numpy" else fastrec.check_records
+        ok, start, end = check(
+            data,
+            offsets,
+            np.asarray(labels),
+            limits=np.full(len(keys), data.size, np.int64),
+            expected_size=expected,
+            max_side=max_side,
         )
         verdicts = [careful(reader, k, lab, expected, max_side) for k, lab in zip(keys, labels)]
         return ok, [data[a:b].tobytes() for a, b in zip(start, end)], verdicts

@@ -62,6 +62,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -70,10 +71,10 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from facerec_tf.data import schema
+from facerec_tf.data import fastrec, schema
 from facerec_tf.data.rec_batch import check_records
 from facerec_tf.data.recordio import MAGIC, RecDataset, RecordIOReader, read_property
-from facerec_tf.data.tfrecord import TFRecordWriter, encode_example, verify_shard
+from facerec_tf.data.tfrecord import BufferPool, TFRecordWriter, encode_example, verify_shard
 from facerec_tf.errors import (
     DataFormatError,
     ImageError,
@@ -104,6 +105,7 @@ _RECORD_OVERHEAD = 80
 _PROGRESS_EVERY = 512  # records between progress reports / abort checks in a worker
 _BATCH = 1024  # records checked at once by the vectorised fast path (and progress step)
 _MAX_BATCH_RECORD = 1 << 20  # larger records (by .idx extent) take the per-record path
+_WRITEBACK_BYTES = 8 << 20  # start the disk writeback of a shard every 8 MiB (see fastrec)
 
 
 class ReencodeWarning(UserWarning):
@@ -632,6 +634,24 @@ _FIRST_LABEL = struct.Struct("<f")
 _LENGTH_MASK = (1 << 29) - 1
 
 
+class _Batch(NamedTuple):
+    """Records read and checked at once: ``data[first[i]:last[i]]`` is record ``i``'s JPEG
+    payload where ``ok[i]``; records that are not ``ok`` take the per-record path."""
+
+    data: np.ndarray
+    ok: np.ndarray
+    first: np.ndarray
+    last: np.ndarray
+
+    def images(self) -> list[bytes | None]:
+        """The payloads as ``bytes``, ``None`` where not ``ok``."""
+        view = memoryview(self.data)
+        return [
+            bytes(view[a:b]) if good else None
+            for good, a, b in zip(self.ok.tolist(), self.first.tolist(), self.last.tolist())
+        ]
+
+
 class _ImageReader:
     """Reads image payloads by key, with a fast path for the common record shape.
 
@@ -653,13 +673,14 @@ class _ImageReader:
         # a memory map would put every page it touches, and its neighbours, in the RSS).
         self._batch_ok = hasattr(os, "preadv") and self.reader.idx_path is not None
         self._buf = np.empty(0, dtype=np.uint8)
+        self.pool = BufferPool()  # output blocks of the C framing, reused across shards
 
     def read_batch(
         self, keys: np.ndarray, labels: np.ndarray, expected_size, max_side: int
-    ) -> list[bytes | None] | None:
-        """The JPEG payloads of many records: ``None`` for each record that did not pass
-        :func:`facerec_tf.data.rec_batch.check_records` (the caller sends it through
-        :meth:`read_image`), or ``None`` for the batch where ``preadv`` is missing."""
+    ) -> _Batch | None:
+        """Read many records into the reused buffer and check them at once
+        (:func:`facerec_tf.data.rec_batch.check_records`); ``None`` where ``preadv`` is
+        missing (the caller then takes the per-record path for the whole batch)."""
         if not self._batch_ok:
             return None
         offsets = self.reader.offsets_of(keys)
@@ -670,18 +691,23 @@ class _ImageReader:
         total = int(ends[-1]) if ends.size else 0
         if self._buf.size < total:
             self._buf = np.empty(max(total, 2 * self._buf.size), dtype=np.uint8)
-        view = memoryview(self._buf)
-        fd = self._fd
-        preadv = os.preadv
-        got = np.fromiter(
-            (
-                preadv(fd, [view[a : a + n]], off) if n else 0
-                for a, n, off in zip(starts.tolist(), lengths.tolist(), offsets.tolist())
-            ),
-            dtype=np.int64,
-            count=int(keys.size),
-        )
-        ok, first, last = check_records(
+        fast = fastrec.get()
+        if fast is not None:
+            got = fastrec.pread_records(self._fd, offsets, lengths, self._buf, starts)
+        else:
+            view = memoryview(self._buf)
+            fd = self._fd
+            preadv = os.preadv
+            got = np.fromiter(
+                (
+                    preadv(fd, [view[a : a + n]], off) if n else 0
+                    for a, n, off in zip(starts.tolist(), lengths.tolist(), offsets.tolist())
+                ),
+                dtype=np.int64,
+                count=int(keys.size),
+            )
+        check = check_records if fast is None else fastrec.check_records
+        ok, first, last = check(
             self._buf,
             starts,
             labels,
@@ -690,10 +716,7 @@ class _ImageReader:
             max_side=max_side,
         )
         ok &= (lengths > 0) & (got == lengths)
-        return [
-            bytes(view[a:b]) if good else None
-            for good, a, b in zip(ok.tolist(), first.tolist(), last.tolist())
-        ]
+        return _Batch(self._buf, ok, first, last)
 
     def read_image(self, key: int, label: int) -> tuple[bytes, int]:
         """``(payload, record_offset)`` of image record ``key``, whose label must be ``label``."""
@@ -742,12 +765,16 @@ class _ImageReader:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(source: _SourceSpec, abort: Any, queue: Any) -> None:
-    """ProcessPoolExecutor initializer: remember the source, the abort flag, the queue."""
+def _init_worker(source: _SourceSpec, abort: Any, queue: Any, reader: Any = None) -> None:
+    """ProcessPoolExecutor initializer: remember the source, the abort flag, the queue, and
+    the parent's :class:`_ImageReader` when the worker was forked (its ``.idx`` index and
+    file descriptor are inherited; ``pread`` needs no shared file position)."""
     if queue is not None:
         queue.cancel_join_thread()  # never block a worker's exit on progress messages
     _worker_state.clear()
     _worker_state.update(source=source, abort=abort, queue=queue)
+    if reader is not None:
+        _worker_state["reader"] = reader
 
 
 def _run_in_worker(task: _ShardTask) -> _ShardResult | _Failure | None:
@@ -787,7 +814,7 @@ def _write_shard(
     should_abort: Callable[[], bool] | None,
 ) -> _ShardResult:
     """Write ``task``'s shard to its temp file and move it into place when complete."""
-    writer = TFRecordWriter(task.tmp_path, background=True)
+    writer = TFRecordWriter(task.tmp_path, background=True, writeback_bytes=_WRITEBACK_BYTES)
     reencoded: list[str] = []
     try:
         if source.kind == "rec":
@@ -852,16 +879,26 @@ def _fill_from_rec(
     pass (split records, unusual JPEG headers, errors) go through the per-record path, which
     accepts them or raises the precise error, so errors surface in shard order either way.
     """
+    use_c = fastrec.available()
     for c0 in range(0, int(task.keys.size), _BATCH):
         keys = task.keys[c0 : c0 + _BATCH]
         origs = task.orig_labels[c0 : c0 + _BATCH]
-        key_list = keys.tolist()
-        images = reader.read_batch(keys, origs, source.expected_size, source.max_side)
-        if images is None or None in images:
-            images = _images_carefully(reader, source, key_list, origs.tolist(), images)
-        writer.write_examples(images, task.labels[c0 : c0 + _BATCH].tolist(), key_list)
+        labels = task.labels[c0 : c0 + _BATCH]
+        batch = reader.read_batch(keys, origs, source.expected_size, source.max_side)
+        if use_c and batch is not None and batch.ok.all():
+            # every record passed the fast checks: encode and frame them in C
+            buf, nbytes = fastrec.frame_examples_into(
+                reader.pool.get(), batch.data, batch.first, batch.last, labels, keys
+            )
+            writer.write_buffer(buf, nbytes, int(keys.size), reader.pool)
+        else:
+            key_list = keys.tolist()
+            images = None if batch is None else batch.images()
+            if images is None or None in images:
+                images = _images_carefully(reader, source, key_list, origs.tolist(), images)
+            writer.write_examples(images, labels.tolist(), key_list)
         if report is not None:
-            report(len(key_list))
+            report(int(keys.size))
         if should_abort is not None and should_abort():
             raise _Aborted
 
@@ -1148,10 +1185,15 @@ def _cleanup_failed(output_dir: str, prefix: str, manifest_path: str, created_di
             os.rmdir(output_dir)  # only if empty
 
 
-def _progress_bar(total: int, enabled: bool | None):
+def _progress_enabled(enabled: bool | None) -> bool:
+    """``progress=None`` means: a bar when stderr is a terminal."""
     if enabled is None:
-        enabled = bool(getattr(sys.stderr, "isatty", lambda: False)())
-    if not enabled:
+        return bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return bool(enabled)
+
+
+def _progress_bar(total: int, enabled: bool | None):
+    if not _progress_enabled(enabled):
         return None
     from tqdm import tqdm
 
@@ -1163,43 +1205,57 @@ def _progress_bar(total: int, enabled: bool | None):
 def _run_tasks(
     plan: _Plan, tasks: list[_ShardTask], workers: int, progress: bool | None
 ) -> list[_ShardResult]:
+    if workers > 1 and len(tasks) > 1:
+        return _run_parallel(plan, tasks, min(workers, len(tasks)), progress)
     bar = _progress_bar(int(plan.keys.size), progress)
+    reader = None
     try:
-        if workers == 1 or len(tasks) == 1:
-            reader = (
-                _ImageReader(plan.source.path, plan.source.idx_path, plan.source.read_size)
-                if plan.source.kind == "rec"
-                else None
-            )
-            try:
-                return [
-                    _write_shard(
-                        plan.source,
-                        t,
-                        reader,
-                        report=bar.update if bar is not None else None,
-                        should_abort=None,
-                    )
-                    for t in tasks
-                ]
-            finally:
-                if reader is not None:
-                    reader.close()
-        return _run_parallel(plan, tasks, min(workers, len(tasks)), bar)
+        if plan.source.kind == "rec":
+            reader = _ImageReader(plan.source.path, plan.source.idx_path, plan.source.read_size)
+        report = bar.update if bar is not None else None
+        return [
+            _write_shard(plan.source, t, reader, report=report, should_abort=None) for t in tasks
+        ]
     finally:
+        if reader is not None:
+            reader.close()
         if bar is not None:
             bar.close()
 
 
-def _run_parallel(plan: _Plan, tasks: list[_ShardTask], workers: int, bar) -> list[_ShardResult]:
-    ctx = multiprocessing.get_context("spawn")
+def _pool_context() -> tuple[Any, bool]:
+    """``(multiprocessing context, forked)``: ``fork`` where it exists and this process runs
+    no other thread (a forked child starts in microseconds and inherits the plan and the
+    ``.idx`` index), else ``spawn`` (each worker imports the library and reads the index)."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork"), True
+    return multiprocessing.get_context("spawn"), False
+
+
+def _run_parallel(
+    plan: _Plan, tasks: list[_ShardTask], workers: int, progress: bool | None
+) -> list[_ShardResult]:
+    ctx, forked = _pool_context()
+    reader = None
+    if forked and plan.source.kind == "rec":
+        reader = _ImageReader(plan.source.path, plan.source.idx_path, plan.source.read_size)
+    try:
+        return _run_pool(plan, tasks, workers, progress, ctx, reader)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _run_pool(plan: _Plan, tasks, workers: int, progress, ctx, reader) -> list[_ShardResult]:
     abort = ctx.Event()
-    queue = ctx.Queue() if bar is not None else None
+    want_bar = _progress_enabled(progress)
+    queue = ctx.Queue() if want_bar else None
     results: list[_ShardResult] = []
     failure: BaseException | None = None
+    bar = None
 
     def drain() -> None:
-        if queue is None:
+        if queue is None or bar is None:
             return
         while True:
             try:
@@ -1212,9 +1268,11 @@ def _run_parallel(plan: _Plan, tasks: list[_ShardTask], workers: int, bar) -> li
         max_workers=workers,
         mp_context=ctx,
         initializer=_init_worker,
-        initargs=(plan.source, abort, queue),
+        initargs=(plan.source, abort, queue, reader),
     ) as pool:
         pending: set[Future] = {pool.submit(_run_in_worker, t) for t in tasks}
+        # the bar (and its monitor thread) only after the workers were started
+        bar = _progress_bar(int(plan.keys.size), progress) if want_bar else None
         try:
             while pending:
                 done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
@@ -1245,6 +1303,8 @@ def _run_parallel(plan: _Plan, tasks: list[_ShardTask], workers: int, bar) -> li
             raise
         finally:
             drain()
+            if bar is not None:
+                bar.close()
     if failure is not None:
         raise failure
     if len(results) != len(tasks):  # pragma: no cover - aborted without a reported error

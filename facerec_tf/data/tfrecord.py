@@ -41,15 +41,17 @@ from typing import Any, BinaryIO, NamedTuple
 
 import google_crc32c
 
-from facerec_tf.data import schema
+from facerec_tf.data import fastrec, schema
 from facerec_tf.errors import TFRecordError
 
 __all__ = [
+    "BufferPool",
     "FaceExample",
     "ShardStats",
     "TFRecordWriter",
     "decode_example",
     "encode_example",
+    "example_layout",
     "frame_examples",
     "frame_record",
     "iter_records",
@@ -233,6 +235,16 @@ def _image_head(n: int, tail_len: int) -> bytes:
 
 
 _KEY_FIRST = not _LABEL_FIRST
+
+
+def example_layout() -> tuple[bytes, tuple[bytes, ...], tuple[bytes, ...], bool]:
+    """The face Example's wire layout, for encoders outside this module (the C accelerator):
+    ``(image_field, label_prefixes, key_prefixes, label_first)`` -- the image map entry's
+    key field, the bytes before a ``k``-byte int64 varint in the label and source-key entries
+    (index ``k``, 1..10), and whether the label entry precedes the key entry."""
+    return _IMAGE_KEY_FIELD, tuple(_LABEL_PREFIXES), tuple(_SOURCE_PREFIXES), _LABEL_FIRST
+
+
 _label_pieces: dict[int, bytes] = {}
 
 
@@ -489,6 +501,29 @@ def decode_example(
 # Writing
 
 
+class BufferPool:
+    """A few reusable byte buffers for blocks of framed records.
+
+    Fresh memory costs a page fault per 4 KiB page on first touch, as much as framing the
+    record itself; the converter reuses its output buffers instead. :meth:`get` never blocks
+    (it makes a new buffer when none is free); :meth:`put` keeps at most ``keep`` of them.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self._free: queue.SimpleQueue = queue.SimpleQueue()
+        self._keep = keep
+
+    def get(self) -> bytearray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return bytearray()
+
+    def put(self, buf: bytearray) -> None:
+        if self._free.qsize() < self._keep:
+            self._free.put(buf)
+
+
 class TFRecordWriter:
     """Append framed records to a file, keeping a running sha256, count and byte size.
 
@@ -501,14 +536,24 @@ class TFRecordWriter:
         path: the file to create (truncated if it exists).
         block_size: bytes gathered before a write.
         background: write and hash in a helper thread.
+        writeback_bytes: when > 0, start the disk writeback of the file's dirty pages
+            (:func:`facerec_tf.data.fastrec.start_writeback`) after every this many bytes, so
+            that ``close(fsync=True)`` has little left to wait for.
 
     Use as a context manager or call :meth:`close` (``close(fsync=True)`` also fsyncs).
     """
 
     def __init__(
-        self, path: PathLike, *, block_size: int = 1 << 20, background: bool = False
+        self,
+        path: PathLike,
+        *,
+        block_size: int = 1 << 20,
+        background: bool = False,
+        writeback_bytes: int = 0,
     ) -> None:
         self.path = os.fspath(path)
+        self._writeback_bytes = writeback_bytes
+        self._unsynced = 0
         self._f: BinaryIO = open(self.path, "wb", buffering=0)
         self._sha = hashlib.sha256()
         self._pending: list[bytes] = []
@@ -542,26 +587,54 @@ class TFRecordWriter:
         if self._pending_bytes >= self._block_size:
             self.flush()
 
-    def _write_block(self, block: bytes) -> None:
+    def write_buffer(self, buf: bytearray, nbytes: int, count: int, pool: BufferPool) -> None:
+        """Append ``count`` records already framed into ``buf[:nbytes]`` (the C accelerator's
+        output, :func:`facerec_tf.data.fastrec.frame_examples_into`); ``buf`` goes back to
+        ``pool`` once written and hashed."""
+        self.flush()  # keep the order of earlier records
+        self.num_records += count
+        self.bytes += nbytes
+        if self._queue is None:
+            try:
+                self._write_block(memoryview(buf)[:nbytes])
+            finally:
+                pool.put(buf)
+        else:
+            self._raise_error()
+            self._queue.put((buf, nbytes, pool))
+
+    def _write_block(self, block: bytes | memoryview) -> None:
         view = memoryview(block)
         while view:
             n = self._f.write(view)
             view = view[n:]
         self._sha.update(block)
+        if self._writeback_bytes:
+            self._unsynced += len(block)
+            if self._unsynced >= self._writeback_bytes:
+                self._unsynced = 0
+                fastrec.start_writeback(self._f.fileno())
 
     def _drain_queue(self) -> None:
         """The helper thread: write and hash blocks until ``None``; keep the first error."""
         assert self._queue is not None
         while True:
             block = self._queue.get()
+            pool = None
             try:
                 if block is None:
                     return
+                if type(block) is tuple:  # (buffer, nbytes, pool) from write_buffer
+                    buf, nbytes, pool = block
+                    block = memoryview(buf)[:nbytes]
                 if self._error is None:
                     self._write_block(block)
             except BaseException as e:  # re-raised in the caller's thread
                 self._error = e
             finally:
+                if pool is not None:
+                    block.release()
+                    pool.put(buf)
                 self._queue.task_done()
 
     def _raise_error(self) -> None:
