@@ -76,7 +76,7 @@ def _images(rng, sizes):
 
 
 @needs_c
-def test_frame_examples_equals_the_python_encoder():
+def test_frame_examples_equals_the_python_encoder(tmp_path):
     """Varint boundaries of the image length (1-4 bytes), labels and keys (0, boundaries,
     negative int64 as 10 bytes, int64 extremes): byte-identical to the Python path."""
     rng = np.random.default_rng(1)
@@ -101,12 +101,9 @@ def test_frame_examples_equals_the_python_encoder():
     )
     assert bytes(exact) == want
     # and the framed records read back (lengths, both CRCs)
-    path = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"fastrec-{os.getpid()}.tfrecord"
-    try:
-        path.write_bytes(want)
-        assert len(list(iter_records(path))) == len(sizes)
-    finally:
-        path.unlink(missing_ok=True)
+    path = tmp_path / "c.tfrecord"
+    path.write_bytes(want)
+    assert len(list(iter_records(path))) == len(sizes)
 
 
 @needs_c

@@ -298,15 +298,19 @@ static inline size_t int64_piece_len(const Prefixes *pre, int64_t v) {
     return (size_t)pre->n[k] + (size_t)k;
 }
 
-/* Sizes of one record: the Example's byte length (data_len). */
-static size_t example_len(size_t n, size_t field_len, size_t tail_len, size_t *head_len) {
-    size_t bl = 1 + varint_len(n) + n;               /* BytesList */
-    size_t feature = 1 + varint_len(bl) + bl;        /* Feature */
-    size_t entry = field_len + 1 + varint_len(feature) + feature; /* map entry */
-    size_t features = 1 + varint_len(entry) + entry + tail_len;   /* Features */
-    size_t total = 1 + varint_len(features) + features;           /* Example */
-    *head_len = total - n - tail_len;
-    return total;
+/* The nested message lengths of one face Example with an n-byte image. */
+typedef struct {
+    size_t bytes_list, feature, entry, features, example;
+} Sizes;
+
+static Sizes example_sizes(size_t n, size_t field_len, size_t tail_len) {
+    Sizes z;
+    z.bytes_list = 1 + varint_len(n) + n;                                  /* BytesList */
+    z.feature = 1 + varint_len(z.bytes_list) + z.bytes_list;               /* Feature */
+    z.entry = field_len + 1 + varint_len(z.feature) + z.feature;           /* map entry */
+    z.features = 1 + varint_len(z.entry) + z.entry + tail_len;             /* Features */
+    z.example = 1 + varint_len(z.features) + z.features;                   /* Example */
+    return z;
 }
 
 static PyObject *py_frame_examples(PyObject *self, PyObject *args) {
@@ -339,9 +343,8 @@ static PyObject *py_frame_examples(PyObject *self, PyObject *args) {
                          (long long)ps[i], (long long)pe[i], size);
             goto done;
         }
-        size_t head_len;
         size_t tail = int64_piece_len(&lpre, pl[i]) + int64_piece_len(&kpre, pk[i]);
-        total += 16 + example_len((size_t)(pe[i] - ps[i]), field_len, tail, &head_len);
+        total += 16 + example_sizes((size_t)(pe[i] - ps[i]), field_len, tail).example;
     }
     if (get_buf(o_out, &out_buf, 1, "out") < 0) goto done;
     if ((size_t)out_buf.view.len < total) { /* too small: say how much is needed */
@@ -354,28 +357,24 @@ static PyObject *py_frame_examples(PyObject *self, PyObject *args) {
     uint8_t *w = out;
     for (Py_ssize_t i = 0; i < n; i++) {
         size_t img = (size_t)(pe[i] - ps[i]);
-        size_t head_len;
         size_t tail = int64_piece_len(&lpre, pl[i]) + int64_piece_len(&kpre, pk[i]);
-        uint64_t len = example_len(img, field_len, tail, &head_len);
+        Sizes z = example_sizes(img, field_len, tail);
+        uint64_t len = z.example;
         /* frame: uint64 length, masked CRC of those 8 bytes */
         for (int b = 0; b < 8; b++) w[b] = (uint8_t)(len >> (8 * b));
         uint32_t lc = masked(crc32c(0, w, 8));
         for (int b = 0; b < 4; b++) w[8 + b] = (uint8_t)(lc >> (8 * b));
         uint8_t *ex = w + 12, *q = ex;
-        size_t bl = 1 + varint_len(img) + img;
-        size_t feature = 1 + varint_len(bl) + bl;
-        size_t entry = field_len + 1 + varint_len(feature) + feature;
-        size_t features = 1 + varint_len(entry) + entry + tail;
         *q++ = 0x0A; /* Example.features */
-        q += varint(q, features);
+        q += varint(q, z.features);
         *q++ = 0x0A; /* Features.feature: the image map entry */
-        q += varint(q, entry);
+        q += varint(q, z.entry);
         memcpy(q, fp, field_len); /* entry.key */
         q += field_len;
         *q++ = 0x12; /* entry.value */
-        q += varint(q, feature);
+        q += varint(q, z.feature);
         *q++ = 0x0A; /* Feature.bytes_list */
-        q += varint(q, bl);
+        q += varint(q, z.bytes_list);
         *q++ = 0x0A; /* BytesList.value */
         q += varint(q, img);
         memcpy(q, src + ps[i], img);

@@ -48,9 +48,8 @@ from facerec_tf.evaluation.verification import (
     VERIFICATION_FARS,
     _accuracy,
     _folds,
-    _val_far,
+    fold_val_far,
     result_from_metrics,
-    slinear_interp,
 )
 
 __all__ = [
@@ -128,13 +127,10 @@ def score_verification_metrics(scores, issame, num_folds=10, far_target=1e-3, ma
         best = int(np.argmax(acc_train))
         best_thresholds[i] = -thresholds[best]
         accuracy[i] = _accuracy(dist[test], issame[test], thresholds[best : best + 1])[2][0]
-        _, far_train = _val_far(dist[train], issame[train], thresholds)
-        if np.max(far_train) >= far_target:
-            threshold = slinear_interp(far_train, thresholds, far_target)
-        else:
-            threshold = thresholds[0]  # nothing accepted (insightface: threshold 0)
-        v, fa = _val_far(dist[test], issame[test], np.array([threshold]))
-        val[i], far[i] = v[0], fa[0]
+        # nothing reaches the FAR: accept nothing (insightface's threshold 0 on distances)
+        val[i], far[i] = fold_val_far(
+            dist, issame, train, test, thresholds, far_target, fallback=thresholds[0]
+        )
     return {
         "accuracy": accuracy,
         "best_thresholds": best_thresholds,

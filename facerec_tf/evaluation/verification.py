@@ -241,6 +241,19 @@ def slinear_interp(x, y, q):
     return float(ys[i] + (ys[j] - ys[i]) * (q - xs[i]) / (xs[j] - xs[i]))
 
 
+def fold_val_far(dist, issame, train, test, thresholds, far_target, fallback):
+    """One fold of insightface's VAL@FAR: the threshold at which the *train* pairs reach
+    ``far_target`` (``fallback`` when no threshold does), applied to the *test* pairs;
+    returns ``(val, far)`` on the test pairs."""
+    _, far_train = _val_far(dist[train], issame[train], thresholds)
+    if np.max(far_train) >= far_target:
+        threshold = slinear_interp(far_train, thresholds, far_target)
+    else:
+        threshold = fallback
+    v, fa = _val_far(dist[test], issame[test], np.array([threshold]))
+    return v[0], fa[0]
+
+
 def _folds(n, num_folds):
     from sklearn.model_selection import KFold
 
@@ -277,14 +290,9 @@ def verification_metrics(embeddings1, embeddings2, issame, num_folds=10, far_tar
         best_thresholds[i] = ACC_THRESHOLDS[best]
         tprs[i], fprs[i], _ = _accuracy(dist[test], issame[test], ACC_THRESHOLDS)
         accuracy[i] = _accuracy(dist[test], issame[test], ACC_THRESHOLDS[best : best + 1])[2][0]
-
-        _, far_train = _val_far(dist[train], issame[train], VAL_THRESHOLDS)
-        if np.max(far_train) >= far_target:
-            threshold = slinear_interp(far_train, VAL_THRESHOLDS, far_target)
-        else:
-            threshold = 0.0
-        v, fa = _val_far(dist[test], issame[test], np.array([threshold]))
-        val[i], far[i] = v[0], fa[0]
+        val[i], far[i] = fold_val_far(
+            dist, issame, train, test, VAL_THRESHOLDS, far_target, fallback=0.0
+        )
     return {
         "tpr": tprs.mean(0),
         "fpr": fprs.mean(0),
