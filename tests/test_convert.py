@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from facerec_tf.data import schema
+from facerec_tf.data import schema, tfrecord
 from facerec_tf.data.convert import (
     JpegInfo,
     ReencodeWarning,
@@ -281,23 +281,21 @@ def test_batched_and_background_writing_give_the_same_bytes(tmp_path):
         assert digest == w.sha256 == sha(ref) and w.bytes == len(ref) and w.num_records == 407
 
 
-def test_background_writer_reraises_write_errors(tmp_path):
-    class Broken:
-        closed = False
-
-        def write(self, data):
-            raise OSError(28, "No space left on device")
-
-        def close(self):
-            self.closed = True
-
+def test_background_writer_reraises_write_errors(tmp_path, monkeypatch):
     w = TFRecordWriter(tmp_path / "x.tfrecord", block_size=1024, background=True)
-    w._f.close()
-    w._f = Broken()
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if fd == w._fd:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(tfrecord.os, "write", full_disk)
     w.write_examples([b"\xff\xd8" + b"x" * 4000] * 3, [1, 2, 3], [1, 2, 3])
     with pytest.raises(OSError, match="No space left"):
         w.close()
     assert w._thread is None  # the helper thread was stopped
+    assert w._f.closed
 
 
 def test_masked_crc_and_decode_errors(tmp_path):

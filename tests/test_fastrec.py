@@ -21,7 +21,7 @@ import google_crc32c
 import numpy as np
 import pytest
 
-from facerec_tf.data import fastrec
+from facerec_tf.data import directio, fastrec
 from facerec_tf.data.convert import convert
 from facerec_tf.data.rec_batch import check_records
 from facerec_tf.data.recordio import RecordIOReader
@@ -100,6 +100,13 @@ def test_frame_examples_equals_the_python_encoder(tmp_path):
         len(want),
     )
     assert bytes(exact) == want
+    # at an offset: the bytes before it are left alone
+    head = np.full(7 + len(want), 0xAB, dtype=np.uint8)
+    out, n = fastrec.frame_examples_into(head, data, ends - lengths, ends, labels, keys, offset=7)
+    assert out is head and n == len(want) and out[7:].tobytes() == want
+    assert (out[:7] == 0xAB).all()
+    out, n = fastrec.frame_examples_into(head[:9], data, ends - lengths, ends, labels, keys, 3)
+    assert out[3 : 3 + n].tobytes() == want and out.ctypes.data % directio.ALIGN == 0
     # and the framed records read back (lengths, both CRCs)
     path = tmp_path / "c.tfrecord"
     path.write_bytes(want)
@@ -178,9 +185,11 @@ def test_check_records_equals_numpy_on_corrupted_records(tmp_path, seed):
 
 
 @needs_c
-def test_buffer_writer_equals_the_list_writer(tmp_path):
-    """Blocks framed into pooled buffers and written by the helper thread give the bytes
-    and sha256 of the per-record writer; buffers come back to the pool."""
+@pytest.mark.parametrize("direct_io", [False, True], ids=["buffered", "direct"])
+def test_reserved_buffer_writer_equals_the_list_writer(tmp_path, direct_io):
+    """Blocks framed into pooled buffers (reserve / write_reserved) and written by the
+    helper thread give the bytes and sha256 of the per-record writer, buffered or direct;
+    buffers come back to the pool."""
     rng = np.random.default_rng(3)
     images = _images(rng, rng.integers(100, 6000, 300))
     labels = rng.integers(0, 1000, 300).tolist()
@@ -192,18 +201,26 @@ def test_buffer_writer_equals_the_list_writer(tmp_path):
     ends = np.cumsum([len(i) for i in images])
     starts = ends - [len(i) for i in images]
     pool = BufferPool()
-    w = TFRecordWriter(tmp_path / "c.tfrecord", background=True, writeback_bytes=1 << 16)
+    w = TFRecordWriter(
+        tmp_path / "c.tfrecord",
+        background=True,
+        writeback_bytes=1 << 16,
+        direct_io=direct_io,
+        pool=pool,
+    )
     for lo in range(0, 300, 64):
         sl = slice(lo, lo + 64)
+        buf, at = w.reserve()
+        assert at == (w.bytes % directio.ALIGN if w.direct_io else 0)
         buf, n = fastrec.frame_examples_into(
-            pool.get(), data, starts[sl], ends[sl], labels[sl], keys[sl]
+            buf, data, starts[sl], ends[sl], labels[sl], keys[sl], offset=at
         )
-        w.write_buffer(buf, n, len(keys[sl]), pool)
+        w.write_reserved(buf, at, n, len(keys[sl]))
     w.close(fsync=True)
     a, b = (tmp_path / "ref.tfrecord").read_bytes(), (tmp_path / "c.tfrecord").read_bytes()
     assert a == b and w.num_records == 300 and w.bytes == len(a)
     assert w.sha256 == ref.sha256 == hashlib.sha256(a).hexdigest()
-    assert isinstance(pool.get(), bytearray) and pool._free.qsize() >= 1
+    assert isinstance(pool.get(), np.ndarray) and pool._free.qsize() >= 1
 
 
 def _tree(out: pathlib.Path) -> dict[str, bytes]:
@@ -213,8 +230,9 @@ def _tree(out: pathlib.Path) -> dict[str, bytes]:
 @needs_c
 def test_conversions_with_and_without_the_accelerator_are_identical(tmp_path, monkeypatch):
     """In-process (workers 1 and 2) and through the CLI (2 forked workers): identical shards
-    and manifest whether or not the C code runs; a few split records take the careful path
-    in the middle of C-framed batches."""
+    and manifest whether or not the C code runs and whether the shards are written buffered
+    or with direct I/O; a few split records take the careful path in the middle of C-framed
+    batches."""
     src = tmp_path / "src"
     items = list(synthetic_faces(3000, 30, size=20, seed=5))
     magic = struct.pack("<I", 0xCED7230A)
@@ -234,7 +252,9 @@ def test_conversions_with_and_without_the_accelerator_are_identical(tmp_path, mo
             monkeypatch.delenv(fastrec.ENV_PURE_PYTHON, raising=False)
         for workers in (1, 2):
             out = tmp_path / f"out-{pure}-{workers}"
-            convert(src, out, num_shards=3, workers=workers, progress=False)
+            # buffered writes with 1 worker, direct I/O (O_DIRECT) with 2
+            direct = workers == 2
+            convert(src, out, num_shards=3, workers=workers, progress=False, direct_io=direct)
             runs[pure, workers] = _tree(out)
     env = {k: v for k, v in os.environ.items() if k != fastrec.ENV_PURE_PYTHON}
     cli_out = tmp_path / "cli"

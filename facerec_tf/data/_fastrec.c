@@ -18,6 +18,9 @@
  *       Starts writing the file's dirty pages to disk without waiting (Linux
  *       sync_file_range(SYNC_FILE_RANGE_WRITE)), so that the fsync that ends a shard has
  *       little left to wait for. Not a durability guarantee: the fsync still gives that.
+ *   fs_magic(fd) -> int
+ *       The f_type of the file system holding fd (Linux fstatfs), -1 where that is not
+ *       available; facerec_tf.data.directio uses it to choose direct I/O on local disks.
  *   frame_examples(out, data, starts, ends, labels, keys, image_field, label_prefixes,
  *                  key_prefixes, label_first) -> int
  *       Writes into the writable buffer out, for each record i, the TFRecord-framed
@@ -40,6 +43,9 @@
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#if defined(__linux__)
+#include <sys/vfs.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <nmmintrin.h>
@@ -526,6 +532,22 @@ static PyObject *py_start_writeback(PyObject *self, PyObject *args) {
 #endif
 }
 
+static PyObject *py_fs_magic(PyObject *self, PyObject *args) {
+    int fd;
+    if (!PyArg_ParseTuple(args, "i", &fd)) return NULL;
+#if defined(__linux__)
+    struct statfs st;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = fstatfs(fd, &st);
+    Py_END_ALLOW_THREADS
+    if (r != 0) return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uint32_t)st.f_type);
+#else
+    return PyLong_FromLong(-1);
+#endif
+}
+
 static PyMethodDef methods[] = {
     {"crc32c", (PyCFunction)(void (*)(void))py_crc32c, METH_VARARGS | METH_KEYWORDS,
      "crc32c(data, crc=0, hardware=True) -> int: CRC-32C of data, extending crc."},
@@ -535,6 +557,8 @@ static PyMethodDef methods[] = {
     {"start_writeback", py_start_writeback, METH_VARARGS,
      "start_writeback(fd) -> bool: start writing fd's dirty pages to disk without waiting "
      "(Linux sync_file_range); False where unsupported."},
+    {"fs_magic", py_fs_magic, METH_VARARGS,
+     "fs_magic(fd) -> int: f_type of fd's file system (Linux fstatfs); -1 where unknown."},
     {"pread_records", py_pread_records, METH_VARARGS,
      "pread_records(fd, offsets, lengths, buf, starts, got): read many byte ranges."},
     {"frame_examples", py_frame_examples, METH_VARARGS,

@@ -109,25 +109,31 @@ def check_records(
     return ok, start, end
 
 
-def frame_examples_into(out: bytearray, data, starts, ends, labels, keys) -> tuple[bytearray, int]:
+def frame_examples_into(
+    out, data, starts, ends, labels, keys, offset: int = 0
+) -> tuple[np.ndarray, int]:
     """Frame the face Examples of images ``data[starts[i]:ends[i]]`` with ``labels[i]`` and
-    ``keys[i]`` into ``out`` (grown when too small); returns ``(out, nbytes)``.
-    ``out[:nbytes]`` equals ``b"".join`` of :func:`facerec_tf.data.tfrecord.frame_examples`'
-    pieces for the same records."""
-    from facerec_tf.data import tfrecord
+    ``keys[i]`` into ``out`` from byte ``offset`` on; returns ``(out, nbytes)``, ``out``
+    replaced by a larger page-aligned buffer (:func:`facerec_tf.data.directio.aligned_buffer`)
+    when too small. ``out[offset:offset + nbytes]`` equals ``b"".join`` of
+    :func:`facerec_tf.data.tfrecord.frame_examples`' pieces for the same records; the bytes
+    before ``offset`` are left alone."""
+    from facerec_tf.data import directio, tfrecord
 
     mod = get()
     if mod is None:
         raise RuntimeError("the C accelerator is not available (see facerec_tf.data.fastrec)")
     args = (data, _i64(starts), _i64(ends), _i64(labels), _i64(keys), *tfrecord.example_layout())
-    n = mod.frame_examples(out, *args)
+    with memoryview(out) as view:
+        n = mod.frame_examples(view[offset:], *args)
     if n < 0:
-        out = bytearray(-n + (-n >> 3))  # room to spare for the next batches
-        n = mod.frame_examples(out, *args)
+        out = directio.aligned_buffer(offset - n + (-n >> 3))  # room to spare for later
+        with memoryview(out) as view:
+            n = mod.frame_examples(view[offset:], *args)
     return out, n
 
 
 def frame_examples(data, starts, ends, labels, keys) -> bytes:
     """:func:`frame_examples_into` a new buffer, as ``bytes``."""
-    out, n = frame_examples_into(bytearray(), data, starts, ends, labels, keys)
-    return bytes(memoryview(out)[:n])
+    out, n = frame_examples_into(np.empty(0, dtype=np.uint8), data, starts, ends, labels, keys)
+    return out[:n].tobytes()
