@@ -61,7 +61,9 @@ def test_crc32c_equals_google_crc32c(hardware):
     mod = fastrec.get()
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
-    for n in [*range(0, 70), 255, 4095, 4096, 4097, 1 << 16]:
+    # the hardware path runs 3 interleaved CRCs over 768-byte rounds: lengths around them
+    rounds = [768 * k + d for k in (1, 2, 5) for d in (-9, -1, 0, 1, 7, 8, 9)]
+    for n in [*range(0, 70), 255, *rounds, 4095, 4096, 4097, 1 << 16]:
         for start in range(0, 9):  # every alignment
             chunk = data[start : start + n]
             assert mod.crc32c(chunk, hardware=hardware) == google_crc32c.value(chunk), (n, start)
