@@ -353,8 +353,8 @@ def _parse_batch(serialized):
 
 
 def _decode_image_fn(image_size: tuple[int, int]):
-    """``(JPEG bytes, label, key) -> (uint8 [H, W, 3], label, key)``, size checked on the
-    JPEG header before decoding.
+    """``(JPEG bytes, int64 key) -> uint8 [H, W, 3]``, the size checked on the JPEG header
+    before decoding (an ``InvalidArgumentError`` naming the record key otherwise).
 
     Kept to a handful of ops: this runs once per image. The assertion's data are formatted
     only when it fails.
@@ -368,7 +368,7 @@ def _decode_image_fn(image_size: tuple[int, int]):
         "pass the right image_size); record key (image/key):"
     )
 
-    def decode(data, label, key):
+    def decode(data, key):
         shape = tf.io.extract_jpeg_shape(data)  # reads the header only
         ok = tf.reduce_all(tf.equal(shape[:2], expected))
         check = tf.debugging.Assert(
@@ -376,25 +376,9 @@ def _decode_image_fn(image_size: tuple[int, int]):
         )
         with tf.control_dependencies([check]):
             image = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-        image = tf.ensure_shape(image, [height, width, 3])
-        return image, label, key
+        return tf.ensure_shape(image, [height, width, 3])
 
     return decode
-
-
-def _decode_fn(image_size: tuple[int, int]):
-    """``serialized Example -> (uint8 [H, W, 3], int64 label, int64 key)``, size checked
-    (one record at a time; the pipeline itself parses in batches, :func:`_parse_batch`)."""
-    import tensorflow as tf
-
-    spec = schema.feature_spec()
-    decode = _decode_image_fn(image_size)
-
-    def fn(serialized):
-        ex = tf.io.parse_single_example(serialized, spec)
-        return decode(ex[schema.IMAGE_KEY], ex[schema.LABEL_KEY], ex[schema.SOURCE_KEY])
-
-    return fn
 
 
 def _check_labels(labels, keys, num_classes: int):
@@ -573,8 +557,9 @@ def make_tfrecord_dataset(
     ds = ds.batch(_PARSE_BATCH).map(
         _parse_batch, num_parallel_calls=parallel, deterministic=deterministic
     )
+    decode = _decode_image_fn((height, width))
     ds = ds.unbatch().map(
-        _decode_image_fn((height, width)),
+        lambda data, label, key: (decode(data, key), label, key),
         num_parallel_calls=parallel,
         deterministic=deterministic,
     )

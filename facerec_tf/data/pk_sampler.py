@@ -279,15 +279,16 @@ def decode_record_batch(image_size: tuple[int, int] = (112, 112)):
     an ``InvalidArgumentError`` naming the record key otherwise).
     """
     tf = _tf()
-    from facerec_tf.data.pipeline import _decode_fn
+    from facerec_tf.data.pipeline import _decode_image_fn, _parse_batch
 
     height, width = int(image_size[0]), int(image_size[1])
-    decode = _decode_fn((height, width))
+    decode = _decode_image_fn((height, width))
 
     def fn(serialized, labels):
+        data, _, keys = _parse_batch(serialized)  # one vectorised parse per batch
         images = tf.map_fn(
-            lambda s: decode(s)[0],
-            serialized,
+            lambda dk: decode(*dk),
+            (data, keys),
             fn_output_signature=tf.TensorSpec([height, width, 3], tf.uint8),
         )
         return images, labels
