@@ -59,6 +59,9 @@ class HeadConfig:
     m3: float | None = None
     easy_margin: bool = False
     interclass_filtering_threshold: float = 0.0
+    # "exact" (full gradient) or "arcface_torch" (value s cos(theta + m2), gradient of s cos
+    # through the target, like arcface_torch's CombinedMarginLoss); margin heads only.
+    margin_gradient: str = "exact"
     # Partial FC: class centres split across the replicas (not mirrored), softmax normalised
     # with collectives; sample_rate < 1 trains each step on all positives + random negatives.
     partial_fc: bool = False
@@ -440,7 +443,15 @@ def resolve(name_or_file: str, overrides: typing.Iterable[str] = ()) -> TrainCon
     return merge(config, parse_overrides(overrides))
 
 
-MARGIN_KEYS = ("scale", "m1", "m2", "m3", "easy_margin", "interclass_filtering_threshold")
+MARGIN_KEYS = (
+    "scale",
+    "m1",
+    "m2",
+    "m3",
+    "easy_margin",
+    "interclass_filtering_threshold",
+    "margin_gradient",
+)
 # Config keys each head takes (others must stay unset).
 HEAD_KEYS = {
     **{name: MARGIN_KEYS for name in ("arcface", "cosface", "sphereface", "combined", "normface")},
@@ -455,6 +466,7 @@ HEAD_KEYS = {
 
 CHOICES = {
     "head.name": tuple(HEAD_KEYS),  # facerec_tf.heads.list_heads() + "none"
+    "head.margin_gradient": ("exact", "arcface_torch"),  # facerec_tf.heads.MARGIN_GRADIENTS
     "optimizer.name": ("sgd", "adamw"),
     "optimizer.weight_decay_mode": ("coupled", "decoupled"),
     "schedule.name": ("polynomial", "step", "cosine", "constant"),
@@ -464,7 +476,12 @@ CHOICES = {
     "loss.distill_kind": ("l2", "angular"),
 }
 
-_HEAD_DEFAULTS = {"scale": 64.0, "easy_margin": False, "interclass_filtering_threshold": 0.0}
+_HEAD_DEFAULTS = {
+    "scale": 64.0,
+    "easy_margin": False,
+    "interclass_filtering_threshold": 0.0,
+    "margin_gradient": "exact",
+}
 
 
 def head_kwargs(head: HeadConfig) -> dict:
@@ -506,6 +523,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"must be >= 0, got {value}", key=key)
     _validate_partial_fc(config)
     _validate_losses(config)
+    _validate_margin_gradient(config)
     o = config.optimizer
     if o.weight_decay_mode == "decoupled" and o.centers_weight_decay_mult not in (0.0, 1.0):
         raise ConfigError(
@@ -545,6 +563,26 @@ def _validate_partial_fc(config: TrainConfig) -> None:
                 "of the arcface/cosface/sphereface/combined/normface heads)",
                 key=key,
             )
+
+
+def _validate_margin_gradient(config: TrainConfig) -> None:
+    """``head.margin_gradient=arcface_torch`` needs a margin arcface_torch defines (m1 == 1,
+    not both m2 and m3, no easy margin); other heads reject the key in _validate_losses."""
+    h = config.head
+    if h.margin_gradient == "exact" or "margin_gradient" not in HEAD_KEYS[h.name]:
+        return
+    from facerec_tf.heads.angular import check_margin_gradient
+    from facerec_tf.heads.margin import MARGIN_PRESETS
+
+    preset = MARGIN_PRESETS[h.name]
+    m = {
+        k: getattr(preset, k) if getattr(h, k) is None else getattr(h, k)
+        for k in ("m1", "m2", "m3")
+    }
+    try:
+        check_margin_gradient(h.margin_gradient, easy_margin=h.easy_margin, **m)
+    except ValueError as e:
+        raise ConfigError(str(e), key="head.margin_gradient") from e
 
 
 def _validate_losses(config: TrainConfig) -> None:

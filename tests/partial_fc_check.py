@@ -5,6 +5,7 @@ keys clash).
 
     python tests/partial_fc_check.py parity W       # r = 1 parity and r = 0.1 sampling
     python tests/partial_fc_check.py sparse W       # r = 0.1 row updates against NumPy
+    python tests/partial_fc_check.py gradient W     # both margin_gradient modes vs NumPy
     python tests/partial_fc_check.py save W DIR     # train 2 steps on W replicas, save
     python tests/partial_fc_check.py load W DIR     # restore on W replicas
 
@@ -59,7 +60,9 @@ def per_replica(strategy, array):
     )
 
 
-def partial_fc_step(w, x, y, kernel, centers, sample_rate=1.0, step=0):
+def partial_fc_step(
+    w, x, y, kernel, centers, sample_rate=1.0, step=0, m2=M2, margin_gradient="exact"
+):
     strategy = tf.distribute.MirroredStrategy(DEVICES[:w])
     with strategy.scope():
         k = tf.Variable(kernel)
@@ -69,7 +72,8 @@ def partial_fc_step(w, x, y, kernel, centers, sample_rate=1.0, step=0):
         strategy=strategy,
         sample_rate=sample_rate,
         scale=S,
-        m2=M2,
+        m2=m2,
+        margin_gradient=margin_gradient,
         global_batch=N,
     )
     pfc.load_full(centers)
@@ -138,6 +142,40 @@ def parity(w: int) -> dict:
         "finite": all(np.isfinite(v) for v in losses),
         "distinct": all(len(set(s.tolist())) == len(s) for s in sampled),
     }
+    return out
+
+
+def gradient(w: int) -> dict:
+    """ArcFace (m2 = 0.5) in both ``margin_gradient`` modes: loss and gradients of the
+    backbone kernel and of the centres against the float64 NumPy reference; every field is a
+    maximum difference relative to the reference's largest entry."""
+    from margin_reference import margin_loss_and_grads
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((N, F)).astype(np.float32)
+    kernel = rng.standard_normal((F, D)).astype(np.float32) * 0.5
+    out = {}
+    for c in (10, 11):
+        centers = rng.standard_normal((c, D)).astype(np.float32)
+        y = rng.integers(0, c, N).astype(np.int32)
+        emb = x.astype(np.float64) @ kernel
+        refs = {
+            mode: margin_loss_and_grads(emb, centers, y, s=S, m2=0.5, mode=mode)
+            for mode in ("exact", "arcface_torch")
+        }
+        for mode, (loss, d_emb, d_centers) in refs.items():
+            _, _, losses, gk, gc, _ = partial_fc_step(
+                w, x, y, kernel, centers, m2=0.5, margin_gradient=mode
+            )
+            d_kernel = x.astype(np.float64).T @ d_emb
+            other = refs["exact" if mode == "arcface_torch" else "arcface_torch"]
+            out[f"{mode}_c{c}"] = {
+                "loss": max(abs(v - loss) for v in losses) / loss,
+                "kernel": float(np.abs(gk - d_kernel).max() / np.abs(d_kernel).max()),
+                "centers": float(np.abs(gc - d_centers).max() / np.abs(d_centers).max()),
+                # how far apart the two modes' references are (the test must be able to fail)
+                "modes_apart": float(np.abs(other[2] - d_centers).max() / np.abs(d_centers).max()),
+            }
     return out
 
 
@@ -265,6 +303,8 @@ def main() -> int:
         result = parity(w)
     elif mode == "sparse":
         result = sparse_update(w)
+    elif mode == "gradient":
+        result = gradient(w)
     elif mode == "save":
         result = save(w, sys.argv[3])
     else:

@@ -204,3 +204,32 @@ def test_train_cli_reports_config_errors():
     )
     assert "--strategy {default,mirrored,multiworker,tpu}" in help_text.stdout
     assert "python train.py --config quickstart --data synthetic" in help_text.stdout
+
+
+def test_margin_gradient_key():
+    from facerec_tf.config import CHOICES, head_kwargs
+    from facerec_tf.heads import MARGIN_GRADIENTS
+
+    assert CHOICES["head.margin_gradient"] == MARGIN_GRADIENTS
+    assert "margin_gradient" not in head_kwargs(resolve("quickstart").head)  # default: exact
+    c = resolve("quickstart", ["head.margin_gradient=arcface_torch"])
+    assert head_kwargs(c.head)["margin_gradient"] == "arcface_torch"
+    c = resolve(
+        "quickstart", ["head.name=cosface", "head.m2=0", "head.margin_gradient=arcface_torch"]
+    )
+    assert c.head.margin_gradient == "arcface_torch"  # identical gradient, accepted
+    resolve("quickstart", ["head.partial_fc=true", "head.margin_gradient=arcface_torch"])
+    cases = [
+        ({"margin_gradient": "torch"}, "must be one of exact, arcface_torch, got 'torch'"),
+        ({"name": "sphereface"}, "needs m1 == 1, got m1=1.35"),
+        ({"name": "combined"}, r"drops m2 when m3 > 0"),
+        ({"m3": 0.1}, r"drops m2 when m3 > 0"),
+        ({"easy_margin": True}, "has no easy_margin"),
+        ({"name": "adaface"}, r"not used by head 'adaface'"),
+        ({"name": "softmax"}, r"not used by head 'softmax'"),
+    ]
+    for head, message in cases:
+        head = {"margin_gradient": "arcface_torch", **head}
+        with pytest.raises(ConfigError, match=message) as info:
+            merge(TrainConfig(), {"head": head})
+        assert info.value.key == "head.margin_gradient"

@@ -229,3 +229,133 @@ def test_mixed_precision_training_step_keeps_logits_float32(policy):
         )  # the convs run in low precision
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+# ---- head.margin_gradient ---------------------------------------------------------------------
+
+GRADIENT_MARGINS = [
+    dict(m2=0.5, m3=0.0),  # ArcFace: the modes differ
+    dict(m2=0.5, m3=0.0, threshold=0.2),  # with inter-class filtering
+    dict(m2=0.0, m3=0.35),  # CosFace: the modes are identical
+    dict(m2=0.0, m3=0.0),  # NormFace
+]
+
+
+def margin_step_gradients(emb, centers, labels, **kwargs):
+    """Loss and gradients (embeddings, centres) of one MarginHead step, float32."""
+    head = MarginHead(centers.shape[0], **kwargs)
+    head.build(emb.shape)
+    head.centers.kernel.assign(centers)
+    x = tf.constant(emb)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        logits = head(x, tf.constant(labels))
+        loss = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        )
+    g_x, g_w = tape.gradient(loss, [x, head.centers.kernel])
+    return float(loss), g_x.numpy(), g_w.numpy()
+
+
+@pytest.mark.parametrize("margin", GRADIENT_MARGINS, ids=lambda m: str(sorted(m.items())))
+@pytest.mark.parametrize("mode", ["exact", "arcface_torch"])
+def test_margin_gradient_modes_match_numpy_reference(mode, margin):
+    from margin_reference import margin_loss_and_grads
+
+    rng = np.random.default_rng(7)
+    batch, classes, dim = 12, 9, 16
+    centers = rng.standard_normal((classes, dim)).astype(np.float32)
+    labels = rng.integers(0, classes, batch).astype(np.int32)
+    emb = rng.standard_normal((batch, dim)).astype(np.float32)
+    # pull some embeddings towards their centre: cosines from about -0.2 to 0.95
+    pull = np.linspace(-0.5, 3.0, batch)[:, None].astype(np.float32)
+    emb = emb + pull * centers[labels]
+    m = dict(margin)
+    threshold = m.pop("threshold", 0.0)
+    loss, g_x, g_w = margin_step_gradients(
+        emb, centers, labels, interclass_filtering_threshold=threshold, margin_gradient=mode, **m
+    )
+    ref = margin_loss_and_grads(emb, centers, labels, threshold=threshold, mode=mode, **m)
+    other = "exact" if mode == "arcface_torch" else "arcface_torch"
+    ref_other = margin_loss_and_grads(emb, centers, labels, threshold=threshold, mode=other, **m)
+    assert loss == pytest.approx(ref[0], rel=1e-5)
+    for got, want, want_other in zip((g_x, g_w), ref[1:], ref_other[1:]):
+        tol = 1e-4 * np.abs(want).max()
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+        differs = np.abs(want - want_other).max()
+        if m["m2"] > 0:  # ArcFace: step-1 gradients differ by several percent
+            assert differs > 0.02 * np.abs(want).max(), differs
+        else:  # CosFace, NormFace: the same gradient in both modes
+            assert differs < 1e-12
+
+
+def test_arcface_torch_value_has_no_fallback():
+    """arcface_torch applies cos(theta + m2) to every target, also past theta + m2 = pi,
+    and passes the gradient of s * cos (exactly s) to the target cosine."""
+    c = np.array([[-0.95, 0.1], [0.3, 0.2]], np.float32)  # row 0: theta + 0.5 > pi
+    cos = tf.constant(c)
+    with tf.GradientTape() as tape:
+        tape.watch(cos)
+        logits = combined_margin(cos, [0, 1], scale=64.0, m2=0.5, margin_gradient="arcface_torch")
+        total = tf.reduce_sum(logits)
+    grad = tape.gradient(total, cos).numpy()
+    want = 64.0 * np.cos(np.arccos(c.astype(np.float64)) + 0.5)
+    np.testing.assert_allclose(logits.numpy()[[0, 1], [0, 1]], want[[0, 1], [0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(logits.numpy()[[0, 1], [1, 0]], 64.0 * c[[0, 1], [1, 0]])
+    np.testing.assert_array_equal(grad, np.full_like(c, 64.0))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(margin_gradient="torch"), "margin_gradient must be one of exact, arcface_torch"),
+        (dict(m1=1.35, m2=0.0, margin_gradient="arcface_torch"), "needs m1 == 1, got m1=1.35"),
+        (dict(m2=0.3, m3=0.2, margin_gradient="arcface_torch"), "drops m2 when m3 > 0"),
+        (dict(easy_margin=True, margin_gradient="arcface_torch"), "has no easy_margin"),
+    ],
+)
+def test_margin_gradient_rejects_undefined_margins(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MarginHead(5, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        combined_margin(tf.zeros([1, 3]), [0], **kwargs)
+
+
+def test_margin_gradient_is_serialised():
+    head = create_head("arcface", 5, margin_gradient="arcface_torch")
+    config = head.get_config()
+    assert config["margin_gradient"] == "arcface_torch"
+    assert MarginHead.from_config(config).spec.margin_gradient == "arcface_torch"
+    assert create_head("cosface", 5).get_config()["margin_gradient"] == "exact"
+    # heads without arcface_torch's trick: "exact" is what they do, "arcface_torch" an error
+    for name in ("softmax", "magface", "curricularface", "adaface", "sphereface_annealed"):
+        assert "margin_gradient" not in create_head(name, 5, margin_gradient="exact").get_config()
+        with pytest.raises(ValueError, match=f"not defined for head '{name}'"):
+            create_head(name, 5, margin_gradient="arcface_torch")
+
+
+def test_head_modules_import_one_way():
+    """No module of facerec_tf/heads imports one that imports it back (adaptive and margin
+    share facerec_tf/heads/angular.py), and none imports the package itself."""
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(__file__).resolve().parents[1] / "facerec_tf" / "heads"
+    imports = {}
+    for path in folder.glob("*.py"):
+        if path.stem == "__init__":
+            continue
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        imports[path.stem] = names
+    for a, names in imports.items():
+        assert "facerec_tf.heads" not in names, a
+        for b in imports:
+            if b != a and f"facerec_tf.heads.{b}" in names:
+                assert f"facerec_tf.heads.{a}" not in imports[b], (a, b)
+    assert "facerec_tf.heads.angular" in imports["adaptive"] & imports["margin"]

@@ -9,6 +9,7 @@ from facerec_tf.heads.adaptive import (
 )
 from facerec_tf.heads.centers import ClassCenters
 from facerec_tf.heads.margin import (
+    MARGIN_GRADIENTS,
     MARGIN_PRESETS,
     MarginHead,
     MarginSpec,
@@ -20,6 +21,7 @@ from facerec_tf.heads.margin import (
 )
 
 __all__ = [
+    "MARGIN_GRADIENTS",
     "MARGIN_PRESETS",
     "AdaFaceHead",
     "AnnealedSphereFaceHead",

@@ -88,36 +88,18 @@ import math
 import keras
 import tensorflow as tf
 
+from facerec_tf.heads.angular import replace_target as _replace_target
+from facerec_tf.heads.angular import target_index as _target_index
+from facerec_tf.heads.angular import target_margin
+from facerec_tf.heads.angular import theta as _theta
 from facerec_tf.heads.centers import ClassCenters
-from facerec_tf.heads.margin import target_margin
 
-_SIN_EPS = 1e-12
 _NORM_EPS = 1e-12
 ADAFACE_NORM_RANGE = (0.001, 100.0)  # AdaFace's ``safe_norms`` clip
 
 
 # ---------------------------------------------------------------------------------------
 # Helpers
-
-
-def _target_index(labels):
-    """(valid [B] bool, index [B, 2] for gather_nd/scatter) from int labels (-1: none)."""
-    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    valid = labels >= 0
-    rows = tf.range(tf.shape(labels)[0], dtype=tf.int32)
-    return valid, tf.stack([rows, tf.where(valid, labels, 0)], axis=1)
-
-
-def _replace_target(cos, valid, index, new_target):
-    """``cos`` with the target column of each valid row replaced by ``new_target``."""
-    new_target = tf.where(valid, new_target, tf.gather_nd(cos, index))
-    return tf.tensor_scatter_nd_update(cos, index, new_target)
-
-
-def _theta(cos):
-    """``acos(cos)`` with a finite value and gradient at ``cos = +-1``."""
-    sin = tf.sqrt(tf.maximum(1.0 - tf.square(cos), _SIN_EPS))
-    return tf.atan2(sin, cos)
 
 
 def feature_norm(embeddings):

@@ -18,6 +18,10 @@ each centre and ``y`` the label::
   zero (with no gradient), arcface_torch's inter-class filtering for noisy data.
 * ``theta`` is computed as ``atan2(sqrt(max(1 - cos^2, 1e-12)), cos)``, so value and gradient
   are finite at ``cos = +-1``. Everything runs in float32 whatever the dtype policy.
+* ``margin_gradient="arcface_torch"``: the gradient of arcface_torch's ``CombinedMarginLoss``
+  (that of ``s * cos`` through the target, value ``s * cos(theta + m2)``, no fallback);
+  ``"exact"`` (the default) differentiates the formula above. See
+  :mod:`facerec_tf.heads.angular`, where the margin math lives.
 
 Labels are int32 class indices; ``-1`` marks a row whose class is not among these centres
 (Partial FC): that row gets no margin. The target is updated with a scatter of one value per
@@ -32,9 +36,32 @@ import math
 import keras
 import tensorflow as tf
 
+from facerec_tf.heads.adaptive import (
+    AdaFaceHead,
+    AnnealedSphereFaceHead,
+    CurricularFaceHead,
+    MagFaceHead,
+)
+from facerec_tf.heads.angular import (
+    MARGIN_GRADIENTS,
+    check_margin_gradient,
+    combined_margin,
+    target_margin,
+)
 from facerec_tf.heads.centers import ClassCenters
 
-_SIN_EPS = 1e-12
+__all__ = [
+    "HEADS",
+    "MARGIN_GRADIENTS",
+    "MARGIN_PRESETS",
+    "MarginHead",
+    "MarginSpec",
+    "SoftmaxHead",
+    "combined_margin",
+    "create_head",
+    "list_heads",
+    "target_margin",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +74,7 @@ class MarginSpec:
     m3: float = 0.0
     easy_margin: bool = False
     interclass_filtering_threshold: float = 0.0
+    margin_gradient: str = "exact"
 
 
 MARGIN_PRESETS: dict[str, MarginSpec] = {
@@ -56,58 +84,6 @@ MARGIN_PRESETS: dict[str, MarginSpec] = {
     "combined": MarginSpec(m1=1.0, m2=0.3, m3=0.2),
     "normface": MarginSpec(m1=1.0, m2=0.0, m3=0.0),
 }
-
-
-def target_margin(cos, m1, m2, m3, easy_margin=False):
-    """``cos(m1 * theta + m2) - m3`` with insightface's fallbacks, elementwise, float32."""
-    cos = tf.cast(cos, tf.float32)
-    sin = tf.sqrt(tf.maximum(1.0 - tf.square(cos), _SIN_EPS))
-    theta = tf.atan2(sin, cos)
-    angle = m1 * theta + m2
-    if m1 == 1.0:
-        with_margin = tf.cos(angle)
-        if easy_margin:
-            out = tf.where(cos > 0.0, with_margin, cos)
-        else:
-            keep = cos > math.cos(math.pi - m2)
-            out = tf.where(keep, with_margin, cos - math.sin(math.pi - m2) * m2)
-    else:
-        k = tf.floor(angle / math.pi)
-        sign = 1.0 - 2.0 * tf.math.floormod(k, 2.0)
-        out = sign * tf.cos(angle) - 2.0 * k
-        if easy_margin:
-            out = tf.where(cos > 0.0, out, cos)
-    return out - m3
-
-
-def combined_margin(
-    cos,
-    labels,
-    scale=64.0,
-    m1=1.0,
-    m2=0.5,
-    m3=0.0,
-    easy_margin=False,
-    interclass_filtering_threshold=0.0,
-):
-    """Scaled logits ``[B, C]`` (float32) from cosines ``[B, C]`` and int labels ``[B]``.
-
-    A label of -1 (or any negative value) means "target not in these columns": the row gets
-    no margin. A label >= C is an error under eager execution (``tf.gather`` bound check).
-    """
-    cos = tf.cast(cos, tf.float32)
-    labels = tf.reshape(tf.cast(labels, tf.int32), [-1])
-    valid = labels >= 0
-    rows = tf.range(tf.shape(labels)[0], dtype=tf.int32)
-    index = tf.stack([rows, tf.where(valid, labels, 0)], axis=1)
-    target_cos = tf.gather_nd(cos, index)
-    if interclass_filtering_threshold > 0:
-        keep = tf.stop_gradient(tf.cast(cos <= interclass_filtering_threshold, cos.dtype))
-        cos = cos * keep  # the target column is overwritten below, so it is never filtered
-    new_target = target_margin(target_cos, m1, m2, m3, easy_margin)
-    # Rows without a local target write back their own (possibly filtered) column 0.
-    new_target = tf.where(valid, new_target, tf.gather_nd(cos, index))
-    return tf.tensor_scatter_nd_update(cos, index, new_target) * scale
 
 
 @keras.saving.register_keras_serializable(package="facerec_tf")
@@ -120,6 +96,7 @@ class MarginHead(keras.layers.Layer):
     Args:
         num_classes: number of identities.
         scale, m1, m2, m3, easy_margin, interclass_filtering_threshold: see the module doc.
+        margin_gradient: ``"exact"`` or ``"arcface_torch"`` (see the module doc).
         centers_initializer: initialiser of the class centres.
     """
 
@@ -133,6 +110,7 @@ class MarginHead(keras.layers.Layer):
         easy_margin=False,
         interclass_filtering_threshold=0.0,
         centers_initializer=None,
+        margin_gradient="exact",
         **kwargs,
     ):
         kwargs.setdefault("dtype", "float32")
@@ -141,6 +119,7 @@ class MarginHead(keras.layers.Layer):
             raise ValueError(f"m1 must be > 0, got {m1}")
         if not 0.0 <= m2 < math.pi:
             raise ValueError(f"m2 must be in [0, pi), got {m2}")
+        check_margin_gradient(margin_gradient, m1, m2, m3, easy_margin)
         self.spec = MarginSpec(
             float(scale),
             float(m1),
@@ -148,6 +127,7 @@ class MarginHead(keras.layers.Layer):
             float(m3),
             bool(easy_margin),
             float(interclass_filtering_threshold),
+            str(margin_gradient),
         )
         self.centers = ClassCenters(num_classes, initializer=centers_initializer, name="centers")
 
@@ -244,20 +224,28 @@ def create_head(name: str, num_classes: int, **kwargs):
 
     ``arcface``, ``cosface``, ``sphereface``, ``combined`` and ``normface`` are
     :class:`MarginHead` presets (any of ``scale``, ``m1``, ``m2``, ``m3``, ``easy_margin``,
-    ``interclass_filtering_threshold`` may be overridden); ``softmax`` is the plain
-    :class:`SoftmaxHead` (``normalize=True`` for the normalised variant). ``magface``,
-    ``curricularface``, ``adaface`` and ``sphereface_annealed`` are the adaptive heads of
-    :mod:`facerec_tf.heads.adaptive` (``kwargs`` go to their constructors).
+    ``interclass_filtering_threshold``, ``margin_gradient`` may be overridden); ``softmax`` is
+    the plain :class:`SoftmaxHead` (``normalize=True`` for the normalised variant).
+    ``magface``, ``curricularface``, ``adaface`` and ``sphereface_annealed`` are the adaptive
+    heads of :mod:`facerec_tf.heads.adaptive` (``kwargs`` go to their constructors). Those and
+    ``softmax`` differentiate their logits exactly: they accept ``margin_gradient="exact"``
+    and reject ``"arcface_torch"``, which arcface_torch defines for its combined margin only.
     """
+    mode = kwargs.get("margin_gradient", "exact")
+    if name not in MARGIN_PRESETS and name in HEADS:
+        if mode != "exact":
+            raise ValueError(
+                f"margin_gradient={mode!r} is not defined for head {name!r} (only for "
+                f"{', '.join(MARGIN_PRESETS)}); its gradient is the exact one"
+            )
+        kwargs.pop("margin_gradient", None)
     if name == "softmax":
         return SoftmaxHead(num_classes, **kwargs)
-    from facerec_tf.heads import adaptive  # adaptive imports this module
-
     adaptive_heads = {
-        "magface": adaptive.MagFaceHead,
-        "curricularface": adaptive.CurricularFaceHead,
-        "adaface": adaptive.AdaFaceHead,
-        "sphereface_annealed": adaptive.AnnealedSphereFaceHead,
+        "magface": MagFaceHead,
+        "curricularface": CurricularFaceHead,
+        "adaface": AdaFaceHead,
+        "sphereface_annealed": AnnealedSphereFaceHead,
     }
     if name in adaptive_heads:
         return adaptive_heads[name](num_classes, **kwargs)

@@ -14,7 +14,8 @@ One step, in replica context (:meth:`PartialFC.forward`):
    negatives, ``num_sample = max(ceil(r * local), min(N, local))`` columns, a static count
    (XLA/TPU friendly); ``r = 1`` uses every local class;
 3. local cosines against the L2-normalised sampled centres, the combined margin
-   ``(m1, m2, m3)`` applied only where the target class is local;
+   ``(m1, m2, m3)`` applied only where the target class is local (``margin_gradient``
+   ``"exact"`` or ``"arcface_torch"``, as in :func:`~facerec_tf.heads.angular.combined_margin`);
 4. a softmax cross entropy over *all* classes from collectives: the row maximum is
    all-gathered, the sum of exponentials and the target logit are all-reduced, so every
    replica holds the exact full-softmax loss of the global batch.
@@ -46,7 +47,7 @@ import numpy as np
 import tensorflow as tf
 
 from facerec_tf.hashing import hash_uniform
-from facerec_tf.heads.margin import combined_margin
+from facerec_tf.heads.angular import check_margin_gradient, combined_margin
 
 __all__ = ["PartialFC", "PartialFCOutput", "shard_bounds"]
 
@@ -105,6 +106,8 @@ class PartialFC(tf.Module):
         strategy: the ``tf.distribute`` strategy (default: the current one).
         sample_rate: fraction ``r`` in (0, 1] of each replica's classes used per step.
         scale, m1, m2, m3: the combined margin (ArcFace: 64, 1, 0.5, 0).
+        margin_gradient: ``"exact"`` (full gradient) or ``"arcface_torch"`` (the gradient of
+            ``s * cos`` through the target, as arcface_torch's ``CombinedMarginLoss``).
         global_batch: rows per step over all replicas, to size the static sample
             (positives always fit); needed when ``sample_rate < 1``.
         seed: initialisation and sampling seed.
@@ -122,6 +125,7 @@ class PartialFC(tf.Module):
         m1: float = 1.0,
         m2: float = 0.5,
         m3: float = 0.0,
+        margin_gradient: str = "exact",
         global_batch: int | None = None,
         seed: int = 0,
         stddev: float = 0.01,
@@ -136,6 +140,8 @@ class PartialFC(tf.Module):
         self.num_replicas = int(self.strategy.num_replicas_in_sync)
         self.sample_rate = float(sample_rate)
         self.scale, self.m1, self.m2, self.m3 = float(scale), float(m1), float(m2), float(m3)
+        check_margin_gradient(margin_gradient, self.m1, self.m2, self.m3)
+        self.margin_gradient = str(margin_gradient)
         self.seed = int(seed)
         self.stddev = float(stddev)
         starts, sizes = shard_bounds(self.num_classes, self.num_replicas)
@@ -234,7 +240,15 @@ class PartialFC(tf.Module):
             tf.math.l2_normalize(weights, axis=1),
             transpose_b=True,
         )
-        logits = combined_margin(cos, local, self.scale, self.m1, self.m2, self.m3)
+        logits = combined_margin(
+            cos,
+            local,
+            self.scale,
+            self.m1,
+            self.m2,
+            self.m3,
+            margin_gradient=self.margin_gradient,
+        )
         logits = tf.where((sampled < size)[tf.newaxis, :], logits, _NEG)
 
         num_rows = tf.shape(logits)[0]

@@ -150,6 +150,7 @@ class FaceRecognitionTask:
             m1=margins["m1"],
             m2=margins["m2"],
             m3=margins["m3"],
+            margin_gradient=h.margin_gradient,
             global_batch=global_batch,
             seed=self.config.runtime.seed,
         )
