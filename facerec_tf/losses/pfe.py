@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from facerec_tf.errors import FacerecError
+from facerec_tf.models import blocks
 
 __all__ = [
     "MLS_EPS",
@@ -309,7 +310,10 @@ class UncertaintyHead(keras.layers.Layer):
         gamma_init, beta_init: initial scalar scale and shift (official ``1e-4``, ``-7``:
             every ``sigma^2`` starts near ``exp(-7)`` and the spread is learned).
         min_variance: floor added to ``sigma^2`` (official ``1e-6``).
-        bn_momentum, bn_epsilon: of both BNs (official decay 0.995, epsilon 1e-3).
+        bn_momentum, bn_epsilon: of both BNs (official decay 0.995, epsilon 1e-3). They are
+            :class:`~facerec_tf.models.blocks.BatchNormalization`: the moving variance takes the
+            unbiased batch variance, as TensorFlow's fused batch norm (used by the official
+            ``slim.batch_norm`` on these 2-D inputs) does.
         kernel_initializer: of both FCs (official: Xavier/Glorot uniform).
         kernel_regularizer: of both FCs. The official ``slim.l2_regularizer(5e-4)`` adds
             ``5e-4 * sum(w^2) / 2``, i.e. ``keras.regularizers.L2(2.5e-4)``; None (default)
@@ -353,9 +357,9 @@ class UncertaintyHead(keras.layers.Layer):
         )
         bn = dict(momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype="float32")
         self.fc1 = keras.layers.Dense(self.hidden_units, name="fc1", **dense)
-        self.bn1 = keras.layers.BatchNormalization(name="bn1", **bn)
+        self.bn1 = blocks.BatchNormalization(name="bn1", **bn)
         self.fc2 = keras.layers.Dense(self.embedding_size, name="fc_log_sigma_sq", **dense)
-        self.bn2 = keras.layers.BatchNormalization(center=False, scale=False, name="bn2", **bn)
+        self.bn2 = blocks.BatchNormalization(center=False, scale=False, name="bn2", **bn)
 
     def _flat_size(self, input_shape) -> int:
         shape = tuple(input_shape)

@@ -3,7 +3,9 @@
 Conventions that make the Keras graphs numerically identical to insightface's PyTorch ones
 (and so let `facerec_tf.export` import their weights):
 
-* BatchNorm ``epsilon=1e-5`` and ``momentum=0.9`` (torch's ``eps=1e-5, momentum=0.1``).
+* BatchNorm ``epsilon=1e-5`` and ``momentum=0.9`` (torch's ``eps=1e-5, momentum=0.1``), and
+  every BatchNorm is this module's :class:`BatchNormalization`, whose moving variance is
+  updated with the unbiased batch variance as torch's is (Keras' layer stores the biased one).
 * PReLU has **one alpha per channel** (``shared_axes=[1, 2]``), initialised to 0.25 like
   ``torch.nn.PReLU``. Keras' default is one alpha per *element*, which multiplies the
   parameter count by H*W.
@@ -18,6 +20,7 @@ Conventions that make the Keras graphs numerically identical to insightface's Py
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
@@ -29,8 +32,71 @@ def conv_initializer():
     )
 
 
+@keras.saving.register_keras_serializable(package="facerec_tf")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` with torch's moving statistics.
+
+    In training the batch is normalised with the biased batch variance (as in Keras and
+    torch), but the moving variance is updated with the *unbiased* one, as torch does::
+
+        moving_mean     = momentum * moving_mean     + (1 - momentum) * mean
+        moving_variance = momentum * moving_variance + (1 - momentum) * var * n / (n - 1)
+
+    ``n`` is the number of values reduced per channel: ``N * H * W`` for 4-D inputs, ``N``
+    for 2-D ones, the global count over the replicas with ``synchronized=True`` (in a
+    replica context), the number of unmasked values with a mask. Statistics are float32 under
+    mixed precision. ``renorm`` is not supported.
+
+    The class keeps Keras' name on purpose: a ``.keras`` file stores a layer's weights under
+    the snake-cased class name (``layers/batch_normalization_7``), so files written with
+    Keras' layer load into this one (and back); the weights, their names and order are
+    Keras' own.
+    """
+
+    def __init__(self, **kwargs):
+        if kwargs.get("renorm"):
+            raise ValueError("facerec_tf BatchNormalization does not implement renorm")
+        super().__init__(**kwargs)
+
+    def _count(self, x, mask):
+        """Values reduced per channel (float32; per channel with a mask)."""
+        if mask is not None:
+            weights = tf.broadcast_to(tf.cast(mask, x.dtype)[..., tf.newaxis], tf.shape(x))
+            return tf.reduce_sum(weights, axis=self._reduction_axes)
+        shape = tf.shape(x)
+        count = tf.cast(tf.reduce_prod(tf.gather(shape, self._reduction_axes)), x.dtype)
+        if self.synchronized:
+            ctx = tf.distribute.get_replica_context()
+            if ctx is not None:  # the same rule as Keras' synchronized moments
+                count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+        return count
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            return super().call(inputs, training=training, mask=mask)  # Keras' error
+        x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        mean, variance = self._moments(x, mask)
+        count = self._count(x, mask)
+        unbiased = variance * (count / tf.maximum(count - 1.0, 1.0))
+        momentum = self.momentum
+        self.moving_mean.assign(
+            tf.cast(self.moving_mean, x.dtype) * momentum + mean * (1.0 - momentum)
+        )
+        self.moving_variance.assign(
+            tf.cast(self.moving_variance, x.dtype) * momentum + unbiased * (1.0 - momentum)
+        )
+        gamma = tf.cast(self.gamma, x.dtype) if self.scale else None
+        beta = tf.cast(self.beta, x.dtype) if self.center else None
+        outputs = keras.ops.batch_normalization(
+            x, mean, variance, axis=self.axis, offset=beta, scale=gamma, epsilon=self.epsilon
+        )
+        return tf.cast(outputs, self.compute_dtype)
+
+
 def batch_norm(x, name, dtype=None, scale=True, axis=-1):
-    return keras.layers.BatchNormalization(
+    return BatchNormalization(
         axis=axis,
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,

@@ -95,7 +95,7 @@ def basic_conv(x, filters, kernel_size, name, strides=1, padding="valid", dtype=
         name=f"{name}_conv",
         dtype=dtype,
     )(x)
-    x = keras.layers.BatchNormalization(
+    x = blocks.BatchNormalization(
         epsilon=INCEPTION_BN_EPSILON, momentum=blocks.BN_MOMENTUM, name=f"{name}_bn", dtype=dtype
     )(x)
     return keras.layers.ReLU(name=f"{name}_relu", dtype=dtype)(x)
@@ -244,7 +244,7 @@ class FacenetBackbone(Backbone):
         x = keras.layers.Dropout(dropout, name="head_dropout", dtype=dtype)(x)
         x = keras.layers.Dense(embedding_size, use_bias=False, name="bottleneck", dtype=dtype)(x)
         # float32 from here on so that the output is float32 under mixed precision
-        x = keras.layers.BatchNormalization(
+        x = blocks.BatchNormalization(
             epsilon=INCEPTION_BN_EPSILON,
             momentum=blocks.BN_MOMENTUM,
             name="features",

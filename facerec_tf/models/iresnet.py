@@ -55,7 +55,7 @@ def embedding_head_e(x, embedding_size, dropout, name="head", dtype=None):
     x = keras.layers.Flatten(name=f"{name}_flatten", dtype=dtype)(x)
     x = keras.layers.Dense(embedding_size, name=f"{name}_fc", dtype=dtype)(x)
     # The embedding BN runs in float32 so the model output is float32 under mixed precision.
-    features = keras.layers.BatchNormalization(
+    features = blocks.BatchNormalization(
         epsilon=blocks.BN_EPSILON, momentum=blocks.BN_MOMENTUM, name="features", dtype="float32"
     )
     out = features(x)

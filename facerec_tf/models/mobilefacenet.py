@@ -106,7 +106,7 @@ class MobileFaceNetBackbone(Backbone):
         x = keras.layers.Flatten(name="gdc_flatten", dtype=dtype)(x)
         x = keras.layers.Dropout(dropout, name="gdc_dropout", dtype=dtype)(x)
         x = keras.layers.Dense(embedding_size, use_bias=False, name="gdc_fc", dtype=dtype)(x)
-        embedding = keras.layers.BatchNormalization(
+        embedding = blocks.BatchNormalization(
             epsilon=blocks.BN_EPSILON, momentum=blocks.BN_MOMENTUM, name="features", dtype="float32"
         )(x)
         super().__init__(inputs=images, outputs=embedding, name=name, **kwargs)

@@ -144,7 +144,7 @@ def embedding_block(
     x = keras.layers.Dropout(dropout, name=f"{name}_dropout", dtype=dtype)(x)
     x = keras.layers.Dense(embedding_size, name=f"{name}_fc", dtype=dtype)(x)
     # float32 so that the output is float32 under mixed precision
-    return keras.layers.BatchNormalization(
+    return blocks.BatchNormalization(
         epsilon=blocks.BN_EPSILON, momentum=blocks.BN_MOMENTUM, name="features", dtype="float32"
     )(x)
 
