@@ -48,7 +48,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from facerec_tf.errors import FacerecError
+from facerec_tf._optional import require as _require
+from facerec_tf.errors import FacerecError, MissingDependencyError
 
 __all__ = [
     "FORMATS",
@@ -88,10 +89,6 @@ _ONNX_BATCH_DIM = "N"
 
 class ExportError(FacerecError, ValueError):
     """An export cannot be made: unusable model, bad option or an existing target."""
-
-
-class MissingDependencyError(FacerecError, ImportError):
-    """An optional dependency (an ``extra`` of the package) is not installed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,22 +418,6 @@ def export_keras(backbone, path: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # ONNX
-
-
-def _require(modules: tuple[str, ...], what: str):
-    """Import optional modules or raise :class:`MissingDependencyError` naming the extra."""
-    import importlib
-
-    loaded = []
-    for name in modules:
-        try:
-            loaded.append(importlib.import_module(name))
-        except ImportError as e:
-            raise MissingDependencyError(
-                f"{what} needs the optional package {name!r} ({e}); install the 'onnx' "
-                'extra: pip install -e ".[onnx]" (tf2onnx, onnx, onnxruntime)'
-            ) from e
-    return loaded
 
 
 def export_onnx(
