@@ -522,7 +522,9 @@ def resolve_model_path(path: str | os.PathLike) -> str:
 
 def load_backbone(path: str | os.PathLike, *, from_insightface_onnx: bool = False):
     """Load an embedding model from a ``.keras`` file, a training run folder, or (with
-    ``from_insightface_onnx``) an insightface ONNX IResNet whose weights are imported.
+    ``from_insightface_onnx``) an arcface_torch / insightface ONNX backbone (IResNet, IR-SE,
+    MobileFaceNet) whose weights are imported by
+    :func:`facerec_tf.onnx_import.load_insightface_onnx`.
 
     Raises:
         FileNotFoundError: see :func:`resolve_model_path`.
@@ -536,7 +538,7 @@ def load_backbone(path: str | os.PathLike, *, from_insightface_onnx: bool = Fals
     if file.endswith(".onnx"):
         raise ExportError(
             f"{file} is an ONNX file; pass from_insightface_onnx=True "
-            "(--from-insightface-onnx) to import an insightface IResNet"
+            "(--from-insightface-onnx) to import an arcface_torch IResNet, IR-SE or MobileFaceNet"
         )
     if not file.endswith(".keras"):
         raise ExportError(f"{file}: expected a .keras model file or a training run folder")

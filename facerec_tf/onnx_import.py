@@ -761,23 +761,20 @@ def _flatten_and_fc(g: _Graph, flat_node, x: str, channels: int) -> FcParams:
         raise g.error(f"weight of shape {w.shape}", fc_node, expected=f"[{channels}*H*W, D]")
     if b is not None and b.shape != (w.shape[1],):
         raise g.error(f"bias of shape {b.shape}", fc_node, expected=f"[{w.shape[1]}]")
-    if flat_node.op_type == "Reshape":
-        side = math.isqrt(w.shape[0] // channels)
-        for batch in (1, 5):
-            shape = g.shape_value(
-                flat_node.input[1], x, [batch, channels, side, side], flat_node
-            ).astype(np.int64)
-            shape = [batch if (i == 0 and d == 0) else int(d) for i, d in enumerate(shape)]
-            if -1 in shape and shape.count(-1) == 1 and len(shape) == 2:
-                known = int(np.prod([d for d in shape if d != -1]))
-                total = batch * w.shape[0]
-                shape = [total // known if d == -1 else d for d in shape] if known else shape
-            if shape != [batch, w.shape[0]] and batch == 1:
-                raise g.error(
-                    f"reshapes a [{batch}, {channels}, H, W] tensor to {shape}",
-                    flat_node,
-                    expected=f"[N, {w.shape[0]}] (a flatten)",
-                )
+    if flat_node.op_type == "Reshape":  # evaluated for one image: must give [1, C*H*W]
+        features = int(w.shape[0])
+        side = math.isqrt(features // channels)
+        target = g.shape_value(flat_node.input[1], x, [1, channels, side, side], flat_node)
+        shape = [1 if (i == 0 and d == 0) else int(d) for i, d in enumerate(target.reshape(-1))]
+        if len(shape) == 2 and shape.count(-1) == 1:
+            known = -int(np.prod(shape))
+            shape = [features // known if d == -1 else d for d in shape]
+        if shape != [1, features]:
+            raise g.error(
+                f"reshapes a [1, {channels}, H, W] tensor to {target.reshape(-1).tolist()}",
+                flat_node,
+                expected=f"[N, {features}] (a flatten)",
+            )
     fc = FcParams(w, b, _describe(fc_node))
     cons = g.consumers(out)
     if cons:
