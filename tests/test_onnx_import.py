@@ -595,19 +595,26 @@ def _ten_fold_accuracy(emb: np.ndarray, issame: np.ndarray):
     return float(np.mean(accs)), float(np.std(accs)), float(np.mean(best))
 
 
-def test_evaluate_on_the_import_scores_like_onnxruntime(cli_exports, torch_data, rec_dir):
+@pytest.mark.slow
+def test_evaluate_on_the_import_scores_like_onnxruntime(torch_data, rec_dir, tmp_path):
+    """evaluate.py on the .keras that tools/export.py imports (the scale-1 MobileFaceNet, for
+    speed) against onnxruntime on the ONNX file, on the 300 Yale pairs."""
     from facerec_tf.data.verification_bin import decode_pairs, load_bin
 
+    onnx_path = torch_data / "mbf_s1_b2231_e128.onnx"
+    keras_path = tmp_path / "mbf_s1.keras"
+    cli = _load_script(EXPORT_CLI, "facerec_export_cli_onnx_evaluate")
+    args = ["--model", str(onnx_path), "--from-insightface-onnx", "--output", str(keras_path)]
+    assert cli.main([*args, "--format", "keras"]) == 0
     pairs = rec_dir / "yale_pairs_py2.bin"
-    report = cli_exports / "report.json"
+    report = tmp_path / "report.json"
     evaluate = _load_script(EVALUATE_CLI, "facerec_evaluate_cli_onnx_import")
-    args = ["--model", str(cli_exports / "mbf.keras"), "--bin", str(pairs), "--report", str(report)]
-    assert evaluate.main(args) == 0
+    args = ["--model", str(keras_path), "--bin", str(pairs), "--report", str(report)]
+    assert evaluate.main([*args, "--batch-size", "100"]) == 0
     got = json.loads(report.read_text())["yale_pairs_py2"]
     # independent: onnxruntime on the file itself, flip-sum, L2, 10 folds
     vset = load_bin(pairs)
     images = decode_pairs(vset).astype(np.float32)
-    onnx_path = torch_data / "mbf.onnx"
     emb = _ort_embed(onnx_path, _to_insightface(images))
     flipped = _ort_embed(onnx_path, _to_insightface(images[:, :, ::-1]))
     xnorm = np.mean(np.linalg.norm(np.concatenate([emb, flipped]), axis=1))
