@@ -59,6 +59,10 @@ class VerificationBinError(DataFormatError):
     """A malformed or unsafe insightface verification ``.bin`` pairs file."""
 
 
+class MissingDependencyError(FacerecError, ImportError):
+    """An optional dependency (an ``extra`` of the package) is not installed."""
+
+
 class ConfigError(FacerecError, ValueError):
     """A configuration key is unknown or has a value of the wrong type."""
 

@@ -48,7 +48,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from facerec_tf.errors import FacerecError
+from facerec_tf._optional import require as _require
+from facerec_tf.errors import FacerecError, MissingDependencyError
 
 __all__ = [
     "FORMATS",
@@ -88,10 +89,6 @@ _ONNX_BATCH_DIM = "N"
 
 class ExportError(FacerecError, ValueError):
     """An export cannot be made: unusable model, bad option or an existing target."""
-
-
-class MissingDependencyError(FacerecError, ImportError):
-    """An optional dependency (an ``extra`` of the package) is not installed."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,22 +420,6 @@ def export_keras(backbone, path: str | os.PathLike) -> str:
 # ONNX
 
 
-def _require(modules: tuple[str, ...], what: str):
-    """Import optional modules or raise :class:`MissingDependencyError` naming the extra."""
-    import importlib
-
-    loaded = []
-    for name in modules:
-        try:
-            loaded.append(importlib.import_module(name))
-        except ImportError as e:
-            raise MissingDependencyError(
-                f"{what} needs the optional package {name!r} ({e}); install the 'onnx' "
-                'extra: pip install -e ".[onnx]" (tf2onnx, onnx, onnxruntime)'
-            ) from e
-    return loaded
-
-
 def export_onnx(
     backbone,
     path: str | os.PathLike,
@@ -541,7 +522,9 @@ def resolve_model_path(path: str | os.PathLike) -> str:
 
 def load_backbone(path: str | os.PathLike, *, from_insightface_onnx: bool = False):
     """Load an embedding model from a ``.keras`` file, a training run folder, or (with
-    ``from_insightface_onnx``) an insightface ONNX IResNet whose weights are imported.
+    ``from_insightface_onnx``) an arcface_torch / insightface ONNX backbone (IResNet, IR-SE,
+    MobileFaceNet) whose weights are imported by
+    :func:`facerec_tf.onnx_import.load_insightface_onnx`.
 
     Raises:
         FileNotFoundError: see :func:`resolve_model_path`.
@@ -555,7 +538,7 @@ def load_backbone(path: str | os.PathLike, *, from_insightface_onnx: bool = Fals
     if file.endswith(".onnx"):
         raise ExportError(
             f"{file} is an ONNX file; pass from_insightface_onnx=True "
-            "(--from-insightface-onnx) to import an insightface IResNet"
+            "(--from-insightface-onnx) to import an arcface_torch IResNet, IR-SE or MobileFaceNet"
         )
     if not file.endswith(".keras"):
         raise ExportError(f"{file}: expected a .keras model file or a training run folder")

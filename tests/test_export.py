@@ -1,11 +1,9 @@
 """Exports (SavedModel with two signatures, TF Serving layout, ONNX in both interfaces,
-``.keras``), the insightface ONNX importer and ``tools/export.py``.
+``.keras``) and ``tools/export.py`` (the insightface ONNX importer: ``test_onnx_import.py``).
 
 The export tests use a MobileFaceNet (fast to convert) whose BatchNorm statistics and PReLU
 slopes are randomised, so the parity checks exercise every parameter; each export is made
-once per module. The importer is tested on an ONNX IResNet-18 that this module writes with
-``onnx.helper`` exactly as arcface_torch's ``torch2onnx.py`` exports one (eval mode, BN after a
-conv folded into it, pre-conv BNs kept, PReLU slopes ``[C, 1, 1]``, Flatten + Gemm).
+once per module.
 """
 
 from __future__ import annotations
@@ -82,142 +80,6 @@ def _load_cli():
 
 
 # ----------------------------------------------------------------------------------------------
-# An insightface-format ONNX IResNet, written like torch.onnx.export of arcface_torch's IResNet
-
-
-def make_insightface_iresnet_onnx(
-    path,
-    layers=(2, 2, 2, 2),
-    embedding_size=512,
-    seed=0,
-    *,
-    fold_features=False,
-    unfolded=False,
-    matmul=False,
-):
-    """Write an arcface_torch-style ONNX IResNet with random weights to ``path``.
-
-    Default: what ``torch2onnx.py`` writes (opset 11, eval mode): each BN after a conv is
-    folded into the conv's weight and bias; unit ``bn1``, head ``bn2`` and ``features`` are
-    ``BatchNormalization`` nodes; ``PRelu`` slopes ``[C, 1, 1]``; ``Flatten`` + ``Gemm``
-    (``transB=1``); input ``data`` ``[None, 3, 112, 112]``.
-
-    Variants seen from other exporters / simplifiers: ``fold_features`` folds the features BN
-    into the Gemm; ``unfolded`` keeps Conv -> BatchNormalization pairs (convs without bias) and
-    adds Identity nodes; ``matmul`` uses Reshape + MatMul + Add instead of Flatten + Gemm.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    eps = 1e-5
-    nodes, inits = [], []
-    counter = iter(range(10**6))
-
-    def tensor():
-        return str(next(counter))
-
-    def const(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
-        return name
-
-    def node(op, inputs, **attrs):
-        out = tensor()
-        nodes.append(helper.make_node(op, inputs, [out], name=f"{op}_{len(nodes)}", **attrs))
-        return out
-
-    def bn_params(c):
-        return (
-            rng.uniform(0.5, 1.0, c),  # weight
-            rng.normal(0, 0.1, c),  # bias
-            rng.normal(0, 0.1, c),  # running_mean
-            rng.uniform(0.5, 1.5, c),  # running_var
-        )
-
-    def batch_norm(x, c, name, params=None):
-        w, b, m, v = bn_params(c) if params is None else params
-        names = [
-            const(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), (w, b, m, v))
-        ]
-        return node("BatchNormalization", [x, *names], epsilon=eps, momentum=0.9)
-
-    def conv_bn(x, cin, cout, k, stride, name):
-        w = rng.normal(0, np.sqrt(2.0 / (k * k * cout)), (cout, cin, k, k))
-        g, b, m, v = bn_params(cout)
-        attrs = dict(
-            dilations=[1, 1], group=1, kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride] * 2
-        )
-        if unfolded:
-            y = node("Conv", [x, const(f"{name}.weight", w)], **attrs)
-            y = node("Identity", [y])
-            return batch_norm(y, cout, f"{name}.bn", (g, b, m, v))
-        scale = g / np.sqrt(v + eps)  # torch's eval-mode Conv+BN fusion
-        wf = w * scale[:, None, None, None]
-        bf = b - m * scale
-        return node(
-            "Conv",
-            [x, const(f"onnx::Conv_{name}.w", wf), const(f"onnx::Conv_{name}.b", bf)],
-            **attrs,
-        )
-
-    def prelu(x, c, name):
-        return node("PRelu", [x, const(f"{name}.weight", rng.uniform(0.1, 0.4, (c, 1, 1)))])
-
-    x = conv_bn("data", 3, 64, 3, 1, "conv1")
-    x = prelu(x, 64, "prelu")
-    cin = 64
-    for s, (n, width) in enumerate(zip(layers, (64, 128, 256, 512)), 1):
-        for u in range(n):
-            stride = 2 if u == 0 else 1
-            name = f"layer{s}.{u}"
-            y = batch_norm(x, cin, f"{name}.bn1")
-            y = conv_bn(y, cin, width, 3, 1, f"{name}.conv1")
-            y = prelu(y, width, f"{name}.prelu")
-            y = conv_bn(y, width, width, 3, stride, f"{name}.conv2")
-            shortcut = x
-            if stride != 1 or cin != width:
-                shortcut = conv_bn(x, cin, width, 1, stride, f"{name}.downsample")
-            x = node("Add", [y, shortcut])
-            cin = width
-    x = batch_norm(x, 512, "bn2")
-    fc_w = rng.normal(0, np.sqrt(1.0 / (512 * 49)), (embedding_size, 512 * 49))
-    fc_b = rng.normal(0, 0.01, embedding_size)
-    _, f_b, f_m, f_v = bn_params(embedding_size)
-    f_w = np.ones(embedding_size)  # arcface_torch: features.weight fixed at 1.0
-    if fold_features:
-        scale = f_w / np.sqrt(f_v + eps)
-        fc_w, fc_b = fc_w * scale[:, None], (fc_b - f_m) * scale + f_b
-    if matmul:
-        x = node("Reshape", [x, "flat_shape"])
-        inits.append(numpy_helper.from_array(np.array([-1, 512 * 49], np.int64), "flat_shape"))
-        x = node("MatMul", [x, const("fc.weight_t", fc_w.T)])
-        x = node("Add", [const("fc.bias", fc_b), x])
-    else:
-        x = node("Flatten", [x], axis=1)
-        x = node(
-            "Gemm",
-            [x, const("fc.weight", fc_w), const("fc.bias", fc_b)],
-            alpha=1.0,
-            beta=1.0,
-            transB=1,
-        )
-    if not fold_features:
-        x = batch_norm(x, embedding_size, "features", (f_w, f_b, f_m, f_v))
-    graph = helper.make_graph(
-        nodes,
-        "iresnet",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["None", 3, 112, 112])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["None", embedding_size])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 6
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------
 # Fixtures (module scope: each export is made once)
 
 
@@ -287,20 +149,6 @@ def onnx_files(backbone, tmp_path_factory):
         export_onnx(backbone, folder / "facerec.onnx"),
         export_onnx(backbone, folder / "insightface.onnx", insightface_interface=True),
     )
-
-
-@pytest.fixture(scope="module")
-def insightface_r18(tmp_path_factory):
-    pytest.importorskip("onnx")
-    path = tmp_path_factory.mktemp("insightface") / "r18.onnx"
-    return make_insightface_iresnet_onnx(path, seed=1)
-
-
-@pytest.fixture(scope="module")
-def imported_r18(insightface_r18):
-    from facerec_tf.onnx_import import load_insightface_onnx
-
-    return load_insightface_onnx(insightface_r18)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,59 +302,6 @@ def test_onnx_missing_dependency_names_the_extra(backbone, tmp_path, monkeypatch
     with pytest.raises(MissingDependencyError, match=r"'onnx' extra"):
         export_onnx(backbone, tmp_path / "x.onnx")
     assert not os.listdir(tmp_path)
-
-
-# ----------------------------------------------------------------------------------------------
-# insightface ONNX import
-
-
-def test_import_insightface_onnx_matches_onnxruntime(insightface_r18, imported_r18):
-    sess = _ort(insightface_r18)
-    assert imported_r18.name == "iresnet18"
-    x = _pixels(4, seed=5)
-    ref = sess.run(None, {"data": _to_insightface(x)})[0]
-    out = imported_r18(x, training=False).numpy()
-    diff = np.abs(out - ref).max()
-    scale = np.abs(ref).max()
-    print(f"insightface ONNX import: max abs diff {diff:.2e}, relative {diff / scale:.2e}")
-    assert diff <= 1e-3 * scale
-    cos = np.sum(_l2(out) * _l2(ref), axis=1)
-    assert np.all(cos > 1 - 1e-6)
-
-
-def test_import_variants_into_an_existing_backbone(imported_r18, tmp_path):
-    """Unfolded Conv->BN, features folded into the fc, Reshape + MatMul + Add, Identity."""
-    from facerec_tf.onnx_import import load_insightface_onnx
-
-    path = make_insightface_iresnet_onnx(
-        tmp_path / "variant.onnx", seed=2, fold_features=True, unfolded=True, matmul=True
-    )
-    model = load_insightface_onnx(path, backbone=imported_r18)
-    assert model is imported_r18
-    x = _pixels(2, seed=6)
-    ref = _ort(path).run(None, {"data": _to_insightface(x)})[0]
-    diff = np.abs(model(x, training=False).numpy() - ref).max()
-    print(f"insightface ONNX import (variant graph): max abs diff {diff:.2e}")
-    assert diff <= 1e-3 * np.abs(ref).max()
-
-
-def test_import_rejects_a_non_iresnet_naming_the_node(insightface_r18, tmp_path):
-    import onnx
-
-    from facerec_tf.onnx_import import OnnxImportError, parse_insightface_onnx
-
-    model = onnx.load(str(insightface_r18))
-    prelus = [n for n in model.graph.node if n.op_type == "PRelu"]
-    victim = prelus[3]  # a unit's PReLU becomes a ReLU
-    victim.op_type = "Relu"
-    del victim.input[1]
-    path = tmp_path / "broken.onnx"
-    onnx.save(model, str(path))
-    with pytest.raises(OnnxImportError) as info:
-        parse_insightface_onnx(path)
-    assert info.value.node is not None
-    assert victim.name in str(info.value) and "PRelu" in str(info.value)
-    assert str(path) in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,9 +4,9 @@
 Thin command-line wrapper over :func:`facerec_tf.export.export_model`; run ``--help`` for
 examples. TensorFlow is imported only once the options and the model path are checked.
 
-Exit status: 0 on success, 2 on bad input or bad options (missing model, not an IResNet ONNX,
-existing serving version, missing optional package...), 1 on any other failure, 130 when
-interrupted.
+Exit status: 0 on success, 2 on bad input or bad options (missing model, an ONNX graph the
+importer cannot map, existing serving version, missing optional package...), 1 on any other
+failure, 130 when interrupted.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 EPILOG = """\
 MODEL is a .keras file, a training run folder (RUN/best/backbone.keras is used if present,
 else RUN/export/backbone.keras) or, with --from-insightface-onnx, an arcface_torch ONNX
-IResNet whose weights are imported.
+backbone (IResNet r18-r200, IR-SE, MobileFaceNet mbf / mbf_large / insightface's w600k_mbf)
+whose weights are imported; the architecture is read from the graph.
 
 examples:
   # SavedModel for TF Serving: serving/facerec/3/saved_model.pb (signatures serving_default
@@ -41,6 +42,10 @@ examples:
   # import an arcface_torch model-zoo ONNX into Keras (then train, evaluate or serve it)
   python tools/export.py --model ms1mv3_arcface_r100.onnx --from-insightface-onnx \\
       --output r100.keras --format keras
+
+  # insightface's buffalo_s / buffalo_sc recognition model (MobileFaceNet) to TF Serving
+  python tools/export.py --model buffalo_s/w600k_mbf.onnx --from-insightface-onnx \\
+      --output serving --format saved_model --model-name mbf --version 1
 """
 
 
@@ -87,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from-insightface-onnx",
         action="store_true",
-        help="MODEL is an arcface_torch ONNX IResNet: import its weights into our IResNet",
+        help="MODEL is an arcface_torch ONNX IResNet, IR-SE or MobileFaceNet: import its weights",
     )
     p.add_argument(
         "--model-name",
