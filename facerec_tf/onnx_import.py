@@ -44,11 +44,11 @@ imported backbone takes:
   maps pixel 127.5 to 0 (true for ``(x - 127.5) / 127.5``, ``(x - 127.5) / 128``,
   ``x / 127.5 - 1`` ...): the convolutions' zero padding is then the same value in both
   conventions. Another centre is refused, naming the normalisation node;
-* built with ``include_preprocessing=False``: the tensor the ONNX stem convolution receives,
-  NHWC, with the weights copied unscaled. For a file normalised outside the graph that is
-  exactly what the file is fed (``(rgb - 127.5) / 127.5``), not ``(x - 127.5) / 128``; for a
-  file with normalisation nodes it is their output (the backbone has no preprocessing, so the
-  graph's is not part of it).
+* built with ``include_preprocessing=False``: ``(x - 127.5) / 128``, NHWC, the input every
+  facerec_tf backbone without its ``preprocess`` layer takes (and what the training pipeline,
+  the trainer and the SavedModel export feed it); the stem kernel carries the same factor as
+  above. It is *not* what an arcface_torch file is fed (``(rgb - 127.5) / 127.5``): feed such
+  a backbone ``(x - 127.5) / 128``.
 
 How weights map (exact linear algebra): a convolution with a folded BN becomes our kernel
 (``[O, I, kh, kw]`` -> ``[kh, kw, I, O]``; depthwise ``[C, 1, kh, kw]`` -> ``[kh, kw, C, 1]``;
@@ -1250,8 +1250,7 @@ def _stem_scale(backbone, parsed, path: str) -> np.ndarray:
                 path=path,
                 expected="a facerec_tf backbone",
             )
-        return np.ones(3)
-    if (
+    elif (
         not isinstance(pre, keras.layers.Rescaling)
         or not np.isclose(float(np.mean(pre.scale)), 1.0 / PREPROCESS_SCALE)
         or not np.isclose(float(np.mean(pre.offset)), -PIXEL_CENTRE / PREPROCESS_SCALE)
@@ -1272,8 +1271,7 @@ def _stem_scale(backbone, parsed, path: str) -> np.ndarray:
             "so it does not fold exactly into a zero-padded stem behind our (x - 127.5) / 128",
             path=path,
             node=norm.nodes[0],
-            expected="a normalisation centred on 127.5, or a backbone built with "
-            "include_preprocessing=False (fed the normalised tensor)",
+            expected="a normalisation centred on 127.5",
         )
     return PREPROCESS_SCALE * norm.scale
 
@@ -1415,9 +1413,8 @@ def load_insightface_onnx(path: str | os.PathLike, backbone=None):
         the backbone. With ``include_preprocessing=True`` it takes RGB pixels in [0, 255]
         (NHWC) and ``backbone(x)`` equals the ONNX model's raw output on ``(x - 127.5) /
         127.5`` (NCHW), or on ``x`` itself for a graph that normalises its own input. With
-        ``include_preprocessing=False`` it takes (NHWC) the tensor the ONNX stem convolution
-        receives: ``(x - 127.5) / 127.5`` for an arcface_torch file, exactly what that file is
-        fed. Equal up to float rounding.
+        ``include_preprocessing=False`` it takes (NHWC) ``(x - 127.5) / 128``, the project's
+        normalisation, like every backbone built that way. Equal up to float rounding.
 
     Raises:
         OnnxImportError: not a backbone this importer maps (names the node), a normalisation

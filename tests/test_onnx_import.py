@@ -334,8 +334,9 @@ def test_arcface_torch_mobilefacenet_matches_onnxruntime_and_torch(name, layout,
     _parity(out, ref, f"{name} vs torch")
 
 
-def test_include_preprocessing_false_takes_what_the_file_is_fed(torch_data, probe):
-    """No 128/127.5 rescale: fed (x - 127.5) / 127.5 like the ONNX file, stem copied as is."""
+def test_include_preprocessing_false_takes_the_project_normalisation(torch_data, probe):
+    """A backbone without its preprocess layer takes (x - 127.5) / 128, like every such
+    backbone here (the pipeline, trainer and export feed it that): the stem carries 128/127.5."""
     import onnx
     from onnx import numpy_helper
 
@@ -346,17 +347,19 @@ def test_include_preprocessing_false_takes_what_the_file_is_fed(torch_data, prob
     layout = dict(embedding_size=128, stage_units=(2, 2, 3, 1), width_scale=1)
     raw = MobileFaceNetBackbone(include_preprocessing=False, **layout)
     assert load_insightface_onnx(path, backbone=raw) is raw
-    normalised = (probe - 127.5) / 127.5
+    normalised = (probe - 127.5) / 128.0
     _parity(raw(normalised, training=False).numpy(), _ort_embed(path, _to_insightface(probe)),
             "include_preprocessing=False vs ORT")  # fmt: skip
     graph = onnx.load(str(path)).graph
     stem = next(n for n in graph.node if n.op_type == "Conv")
     weight = next(numpy_helper.to_array(i) for i in graph.initializer if i.name == stem.input[1])
     kernel = weight.transpose(2, 3, 1, 0)
-    np.testing.assert_array_equal(raw.get_layer("stem_conv").kernel.numpy(), kernel)
-    default = load_insightface_onnx(path)  # pixels in: the stem carries 128 / 127.5
     np.testing.assert_allclose(
-        default.get_layer("stem_conv").kernel.numpy(), kernel * STEM_RESCALE, rtol=1e-6
+        raw.get_layer("stem_conv").kernel.numpy(), kernel * STEM_RESCALE, rtol=1e-6
+    )
+    default = load_insightface_onnx(path)  # pixels in: the same stem, preprocess layer before
+    np.testing.assert_array_equal(
+        default.get_layer("stem_conv").kernel.numpy(), raw.get_layer("stem_conv").kernel.numpy()
     )
 
 
@@ -475,14 +478,14 @@ def test_in_graph_normalisation_is_folded_into_the_stem(torch_data, probe, tmp_p
     raw = MobileFaceNetBackbone(
         embedding_size=128, stage_units=(2, 2, 3, 1), width_scale=1, include_preprocessing=False
     )
-    load_insightface_onnx(path, backbone=raw)  # fed what the stem sees
-    normalised = (probe - 127.5) * scale.reshape(1, 1, 1, 3)
+    load_insightface_onnx(path, backbone=raw)  # fed (x - 127.5) / 128
+    normalised = (probe - 127.5) / 128.0
     _parity(raw(normalised, training=False).numpy(), ref, "include_preprocessing=False, in-graph")
 
 
 def test_off_centre_normalisation_is_refused_naming_the_node(torch_data, probe, tmp_path):
     """ImageNet means: zero padding differs between the conventions, so no exact fold behind
-    our (x - 127.5) / 128; a backbone without preprocessing still takes it."""
+    our (x - 127.5) / 128, with or without the preprocess layer."""
     from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
     from facerec_tf.onnx_import import OnnxImportError, load_insightface_onnx
 
@@ -492,14 +495,11 @@ def test_off_centre_normalisation_is_refused_naming_the_node(torch_data, probe, 
     with pytest.raises(OnnxImportError) as info:
         load_insightface_onnx(path)
     assert "node 'Sub_norm0' (Sub): the input normalisation maps pixel 127.5 to" in str(info.value)
-    assert "include_preprocessing=False" in str(info.value)
     raw = MobileFaceNetBackbone(
         embedding_size=128, stage_units=(2, 2, 3, 1), width_scale=1, include_preprocessing=False
     )
-    load_insightface_onnx(path, backbone=raw)
-    ref = _ort_embed(path, np.ascontiguousarray(probe.transpose(0, 3, 1, 2)))
-    normalised = (probe - mean.reshape(1, 1, 1, 3)) / 58.0
-    _parity(raw(normalised, training=False).numpy(), ref, "off-centre, no preprocessing")
+    with pytest.raises(OnnxImportError, match=r"maps pixel 127\.5 to"):
+        load_insightface_onnx(path, backbone=raw)
 
 
 def _break(model, op_type, index, new_op):
