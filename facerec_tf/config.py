@@ -43,10 +43,14 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "iresnet50"
-    embedding_size: int = 512
+    embedding_size: int = 512  # 0 = the size of model.pretrained
     dropout: float | None = None  # None = the backbone's default (0, Facenet 0.5)
     l2_normalize: bool | None = None  # Facenet backbones only (their default: true)
-    pretrained: str = ""  # a backbone .keras file or run folder to start from (PFE: required)
+    # Start from a pretrained backbone: a .keras file, a run folder, an arcface_torch .pth or
+    # an insightface .onnx; its architecture is used (model.backbone empty, or the same one).
+    pretrained: str = ""
+    # True: the model maps RGB 0..255 to (x - 127.5) / 128 itself; False: the pipeline does.
+    include_preprocessing: bool = True
     sync_batch_norm: bool = False  # per-replica BN statistics by default, as insightface
 
 
@@ -113,6 +117,10 @@ class OptimizerConfig:
     weight_decay_mode: str = "coupled"
     centers_weight_decay_mult: float = 1.0  # the MXNet trainer's fc7-wd-mult
     clip_norm: float = 5.0  # global-norm clip of the backbone gradient; 0 = off
+    # Fine-tuning: the backbone's learning rate is the schedule's times backbone_lr_mult (SGD),
+    # and for the first freeze_backbone_epochs only the head trains (backbone in inference mode).
+    backbone_lr_mult: float = 1.0
+    freeze_backbone_epochs: float = 0.0
     beta_1: float = 0.9
     beta_2: float = 0.999
     epsilon: float = 1e-8
@@ -218,6 +226,7 @@ PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "webface4m_r50": lambda: _dataset_preset("webface4m", 205990, 4235242, "iresnet50", warmup=2.0),
     "casia_r50": lambda: _dataset_preset("casia", 10572, 490623, "iresnet50", epochs=20),
     "quickstart": _quickstart,
+    "finetune": lambda: _finetune(),
     # Issue-7 families (README "Losses and backbones"); each trains from train.py.
     "casia_facenet_mobilenet": lambda: _facenet_preset("facenet_mobilenet"),
     "casia_facenet_inception_resnetv1": lambda: _facenet_preset("facenet_inception_resnetv1"),
@@ -245,18 +254,39 @@ PRESETS: dict[str, typing.Callable[[], TrainConfig]] = {
     "ms1mv2_vargfacenet_distill": lambda: _dataset_preset(
         "ms1mv2", 85742, 5822653, "vargfacenet", loss={"distill_weight": 1.0}
     ),
-    # PFE on a trained backbone given with --set model.pretrained=
+    # PFE on a trained backbone given with --set model.pretrained= (its architecture)
     "ms1mv2_r50_pfe": lambda: _dataset_preset(
         "ms1mv2",
         85742,
         5822653,
-        "iresnet50",
+        "",
         head={"name": "none"},
         loss={"pfe": True, "softmax_weight": 0.0},
         data={"images_per_identity": 4, "batch_size": 256},
         schedule={"name": "cosine", "base_lr": 0.002, "total_steps": 12000},
     ),
 }
+
+
+def _finetune():
+    # Fine-tune a pretrained backbone (--set model.pretrained=FILE: .onnx, .pth, .keras or a
+    # run folder; its architecture is used) on a small set of identities: the new ArcFace head
+    # trains alone for the first 2 epochs (backbone frozen, BN statistics kept), then the
+    # backbone joins at a tenth of the head's learning rate. See README "Fine-tuning".
+    return from_dict(
+        {
+            "data": {"source": "", "dataset": "custom", "batch_size": 64},
+            "model": {"backbone": "", "embedding_size": 0},
+            "head": {"name": "arcface"},
+            "optimizer": {
+                "weight_decay": 5e-4,
+                "backbone_lr_mult": 0.1,
+                "freeze_backbone_epochs": 2.0,
+            },
+            "schedule": {"name": "cosine", "base_lr": 0.1, "epochs": 20.0},
+            "runtime": {"checkpoint_every": 500, "log_every": 10, "verify_every": 200},
+        }
+    )
 
 
 def _facenet_preset(backbone):
@@ -517,6 +547,8 @@ def validate(config: TrainConfig) -> None:
         "optimizer.clip_norm": config.optimizer.clip_norm,
         "schedule.warmup_epochs": config.schedule.warmup_epochs,
         "schedule.total_steps": config.schedule.total_steps,
+        "optimizer.backbone_lr_mult": config.optimizer.backbone_lr_mult,
+        "optimizer.freeze_backbone_epochs": config.optimizer.freeze_backbone_epochs,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -531,6 +563,14 @@ def validate(config: TrainConfig) -> None:
             "weight_decay_mode=coupled for other values",
             key="optimizer.centers_weight_decay_mult",
         )
+    if o.backbone_lr_mult != 1.0 and o.name != "sgd":
+        raise ConfigError(
+            "a backbone learning-rate multiplier is applied through SGD's gradient (exact "
+            "for SGD with momentum only); use optimizer.name=sgd",
+            key="optimizer.backbone_lr_mult",
+        )
+    if (o.backbone_lr_mult != 1.0 or o.freeze_backbone_epochs) and config.loss.pfe:
+        raise ConfigError("PFE never trains the backbone", key="optimizer.freeze_backbone_epochs")
     if o.name == "adamw" and o.weight_decay_mode == "coupled" and o.weight_decay > 0:
         raise ConfigError(
             "AdamW decays weights decoupled; set optimizer.weight_decay_mode=decoupled",
@@ -554,6 +594,7 @@ def _validate_partial_fc(config: TrainConfig) -> None:
         "head.interclass_filtering_threshold": h.interclass_filtering_threshold > 0,
         "optimizer.name": o.name != "sgd",
         "optimizer.weight_decay_mode": o.weight_decay_mode != "coupled",
+        "optimizer.freeze_backbone_epochs": o.freeze_backbone_epochs > 0,
     }
     for key, bad in unsupported.items():
         if bad:

@@ -521,10 +521,11 @@ def resolve_model_path(path: str | os.PathLike) -> str:
 
 
 def load_backbone(path: str | os.PathLike, *, from_insightface_onnx: bool = False):
-    """Load an embedding model from a ``.keras`` file, a training run folder, or (with
-    ``from_insightface_onnx``) an arcface_torch / insightface ONNX backbone (IResNet, IR-SE,
-    MobileFaceNet) whose weights are imported by
-    :func:`facerec_tf.onnx_import.load_insightface_onnx`.
+    """Load an embedding model: a ``.keras`` file, a training run folder, an arcface_torch
+    ``.pth``/``.pt`` checkpoint (read without torch, see :mod:`facerec_tf.torch_import`), or
+    (with ``from_insightface_onnx``, implied in training's ``model.pretrained``) an insightface
+    ONNX file (IResNet, IR-SE, MobileFaceNet) whose weights are imported
+    (:mod:`facerec_tf.onnx_import`).
 
     Raises:
         FileNotFoundError: see :func:`resolve_model_path`.
@@ -540,8 +541,15 @@ def load_backbone(path: str | os.PathLike, *, from_insightface_onnx: bool = Fals
             f"{file} is an ONNX file; pass from_insightface_onnx=True "
             "(--from-insightface-onnx) to import an arcface_torch IResNet, IR-SE or MobileFaceNet"
         )
+    if file.endswith((".pth", ".pt")):
+        from facerec_tf.torch_import import load_arcface_torch_pth
+
+        return load_arcface_torch_pth(file)
     if not file.endswith(".keras"):
-        raise ExportError(f"{file}: expected a .keras model file or a training run folder")
+        raise ExportError(
+            f"{file}: expected a .keras model, a training run folder, an arcface_torch .pth "
+            "checkpoint or an insightface .onnx file"
+        )
     import keras
 
     import facerec_tf.models  # noqa: F401  (registers the backbone classes)

@@ -4,7 +4,12 @@ from facerec_tf.models.backbone import Backbone
 from facerec_tf.models.facenet import FacenetBackbone
 from facerec_tf.models.iresnet import IRESNET_STAGES, IResNetBackbone
 from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
-from facerec_tf.models.registry import BACKBONES, create_backbone, list_backbones
+from facerec_tf.models.registry import (
+    BACKBONES,
+    architecture_differences,
+    create_backbone,
+    list_backbones,
+)
 from facerec_tf.models.summary import count_parameters, flops
 from facerec_tf.models.vargfacenet import VarGFaceNetBackbone
 
@@ -16,6 +21,7 @@ __all__ = [
     "IResNetBackbone",
     "MobileFaceNetBackbone",
     "VarGFaceNetBackbone",
+    "architecture_differences",
     "count_parameters",
     "create_backbone",
     "flops",

@@ -6,6 +6,8 @@ variant; depth variants are rows, not files.
 
 from __future__ import annotations
 
+import inspect
+
 from facerec_tf.models.facenet import FacenetBackbone
 from facerec_tf.models.iresnet import IResNetBackbone
 from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
@@ -62,3 +64,46 @@ def create_backbone(name: str, **kwargs):
     cls, preset = BACKBONES[key]
     args = {**preset, "name": key, **kwargs}
     return cls(**args)
+
+
+# Constructor arguments that do not change the architecture's weights (or that any file
+# overrides): ignored when a pretrained model is compared with a registry name.
+_NOT_ARCHITECTURE = {
+    "name",
+    "trainable",
+    "dtype",
+    "dropout",
+    "input_shape",
+    "include_preprocessing",
+    "l2_normalize",
+    "embedding_size",
+}
+
+
+def architecture_differences(name: str, model) -> dict[str, tuple]:
+    """How ``model`` (a built backbone) differs from the registry row ``name``:
+    ``{argument: (registry value, model value)}``, ``{"class": ...}`` for another class; empty
+    when the model is that architecture (embedding size, input size and dropout aside)."""
+    key = ALIASES.get(name, name)
+    if key not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; valid names: {', '.join(list_backbones())}")
+    cls, preset = BACKBONES[key]
+    if type(model) is not cls:
+        return {"class": (cls.__name__, type(model).__name__)}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+    expected = {**defaults, **preset}
+    config = model.get_config()
+    out = {}
+    for k, v in expected.items():
+        if k in _NOT_ARCHITECTURE or k not in config:
+            continue
+        got = config[k]
+        if isinstance(v, (list, tuple)):
+            v, got = tuple(v), tuple(got)
+        if v != got:
+            out[k] = (v, got)
+    return out

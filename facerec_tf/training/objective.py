@@ -40,6 +40,7 @@ class Objective:
         loss = task.config.loss
         self.config = loss
         self.backbone, self.head = backbone, head
+        self.include_preprocessing = task.config.model.include_preprocessing
         self.center = self.teacher = self.uncertainty = self.extractor = None
         dim = backbone.embedding_size
         if loss.pfe:
@@ -114,12 +115,17 @@ class Objective:
         return out
 
     # ---- the loss ------------------------------------------------------------------------
-    def __call__(self, images, labels) -> ObjectiveOutput:
+    def __call__(self, images, labels, train_backbone: bool = True) -> ObjectiveOutput:
+        """``train_backbone=False``: the backbone runs in inference mode (BN statistics and
+        dropout frozen) and passes no gradient (fine-tuning's head-only phase)."""
         import keras
         import tensorflow as tf
 
+        from facerec_tf.training.task import model_input
+
         c = self.config
         terms = {}
+        images = model_input(images, self.include_preprocessing)
         if self.uncertainty is not None:
             from facerec_tf.losses.pfe import mls_loss
 
@@ -128,7 +134,9 @@ class Objective:
             terms["pfe"] = mls_loss(labels, tf.stop_gradient(embeddings), logvar)
             return ObjectiveOutput(embeddings, None, terms)
 
-        embeddings = self.backbone(images, training=True)
+        embeddings = self.backbone(images, training=train_backbone)
+        if not train_backbone:
+            embeddings = tf.stop_gradient(embeddings)
         logits = None
         if self.head is not None:
             logits = self.head(embeddings, labels, training=True)

@@ -88,30 +88,97 @@ class FaceRecognitionTask:
 
     # ---- model -------------------------------------------------------------------------------
     def build_backbone(self):
+        """The backbone: built from ``model.backbone``, or (``model.pretrained``) with the
+        architecture and weights of the pretrained file, rebuilt under the run's dtype policy."""
         from facerec_tf.models import create_backbone
 
         m = self.config.model
-        h, w = self.image_size
-        kwargs = {"embedding_size": m.embedding_size, "input_shape": (h, w, 3)}
-        for key in ("dropout", "l2_normalize"):
-            if getattr(m, key) is not None:
-                kwargs[key] = getattr(m, key)
-        try:
-            backbone = create_backbone(m.backbone, **kwargs)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(str(e), key="model.backbone") from e
         if m.pretrained:
-            source = load_backbone(m.pretrained, key="model.pretrained")
-            try:
-                backbone.set_weights(source.get_weights())
-            except ValueError as e:
+            backbone = self._pretrained_backbone()
+        else:
+            if not m.backbone:
                 raise ConfigError(
-                    f"{m.pretrained} does not fit {m.backbone} with embedding "
-                    f"{m.embedding_size} at {h}x{w}: {e}",
-                    key="model.pretrained",
-                ) from e
+                    "is empty: name a backbone, or set model.pretrained to take the "
+                    "architecture from a pretrained file",
+                    key="model.backbone",
+                )
+            if m.embedding_size <= 0:
+                raise ConfigError(
+                    "must be > 0 (0 takes the size of model.pretrained)", key="model.embedding_size"
+                )
+            h, w = self.image_size
+            kwargs = {
+                "embedding_size": m.embedding_size,
+                "input_shape": (h, w, 3),
+                "include_preprocessing": m.include_preprocessing,
+            }
+            for key in ("dropout", "l2_normalize"):
+                if getattr(m, key) is not None:
+                    kwargs[key] = getattr(m, key)
+            try:
+                backbone = create_backbone(m.backbone, **kwargs)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e), key="model.backbone") from e
         if m.sync_batch_norm:
             set_synchronized_batch_norm(backbone, True)
+        return backbone
+
+    def _pretrained_backbone(self):
+        """``model.pretrained`` (.keras, run folder, arcface_torch .pth, insightface .onnx):
+        its class and constructor arguments give the architecture; the run's dtype policy,
+        ``model.dropout`` and ``model.include_preprocessing`` apply; the weights are copied."""
+        from facerec_tf.models import architecture_differences
+
+        m = self.config.model
+        source = load_backbone(m.pretrained, key="model.pretrained")
+        arch = dict(source.get_config())
+        name = arch.pop("name", source.name)
+        for key in ("trainable", "dtype"):
+            arch.pop(key, None)
+        if m.backbone:
+            try:
+                differences = architecture_differences(m.backbone, source)
+            except ValueError as e:
+                raise ConfigError(str(e), key="model.backbone") from e
+            if differences:
+                found = ", ".join(f"{k} {a!r} vs {b!r}" for k, (a, b) in differences.items())
+                raise ConfigError(
+                    f"is {m.backbone!r} but model.pretrained ({m.pretrained}) holds another "
+                    f"architecture, {name!r} ({found}); leave model.backbone empty to take "
+                    "the file's architecture",
+                    key="model.backbone",
+                )
+        size = tuple(int(v) for v in arch.get("input_shape", (0, 0))[:2])
+        if size != tuple(self.image_size):
+            raise ConfigError(
+                f"{m.pretrained} takes {size[0]}x{size[1]} images but the data are "
+                f"{self.image_size[0]}x{self.image_size[1]}",
+                key="model.pretrained",
+            )
+        if bool(arch.get("include_preprocessing", True)) != m.include_preprocessing:
+            raise ConfigError(
+                f"{m.pretrained} was built with include_preprocessing="
+                f"{arch.get('include_preprocessing')} but model.include_preprocessing is "
+                f"{m.include_preprocessing}: set it to match the file",
+                key="model.include_preprocessing",
+            )
+        if m.embedding_size and arch.get("embedding_size", m.embedding_size) != m.embedding_size:
+            warnings.warn(
+                f"config key 'model.embedding_size' is {m.embedding_size} but "
+                f"{m.pretrained} gives {arch['embedding_size']}: using {arch['embedding_size']}",
+                stacklevel=3,
+            )
+        m.embedding_size = int(arch.get("embedding_size", source.embedding_size))
+        for key in ("dropout", "l2_normalize"):
+            if getattr(m, key) is not None and key in arch:
+                arch[key] = getattr(m, key)
+        backbone = type(source)(name=name, **arch)
+        try:
+            backbone.set_weights(source.get_weights())
+        except ValueError as e:  # a file whose weights do not fit its own config
+            raise ConfigError(
+                f"cannot copy the weights of {m.pretrained}: {e}", key="model.pretrained"
+            ) from e
         return backbone
 
     def build_head(self):
@@ -261,6 +328,17 @@ class FaceRecognitionTask:
         }
 
 
+def model_input(images, include_preprocessing: bool):
+    """What the backbone takes: the pipeline's uint8 RGB as is, or, for a backbone built with
+    ``include_preprocessing=False``, float32 ``(x - 127.5) / 128`` (the normalisation the
+    other backbones apply inside)."""
+    if include_preprocessing:
+        return images
+    import tensorflow as tf
+
+    return (tf.cast(images, tf.float32) - 127.5) / 128.0
+
+
 def set_synchronized_batch_norm(model, synchronized: bool) -> None:
     """Switch every BatchNormalization of ``model`` to cross-replica (sync) statistics."""
     import keras
@@ -271,26 +349,14 @@ def set_synchronized_batch_norm(model, synchronized: bool) -> None:
 
 
 def load_backbone(path: str, *, key: str):
-    """A saved embedding model: a ``.keras`` file, or a run folder (its
-    ``export/backbone.keras``, else ``best/backbone.keras``)."""
-    import keras
+    """A saved or pretrained embedding model (see :func:`facerec_tf.export.load_backbone`;
+    an ``.onnx`` file is an insightface import); errors name the config ``key``."""
+    from facerec_tf.errors import FacerecError
+    from facerec_tf.export import load_backbone as load
 
-    import facerec_tf.models  # noqa: F401  (registers the backbone classes)
-
-    candidates = [path]
-    if os.path.isdir(path):
-        candidates = [
-            os.path.join(path, "export", "backbone.keras"),
-            os.path.join(path, "best", "backbone.keras"),
-            os.path.join(path, "backbone.keras"),
-        ]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            try:
-                return keras.models.load_model(candidate, compile=False)
-            except Exception as e:  # keras raises many types here
-                raise ConfigError(f"cannot load {candidate}: {e}", key=key) from e
-    raise ConfigError(
-        f"no model at {path} (expected a .keras file or a run folder with export/backbone.keras)",
-        key=key,
-    )
+    try:
+        return load(path, from_insightface_onnx=os.fspath(path).endswith(".onnx"))
+    except (FileNotFoundError, FacerecError) as e:
+        raise ConfigError(str(e), key=key) from e
+    except Exception as e:  # keras raises many types for a broken .keras file
+        raise ConfigError(f"cannot load {path}: {e}", key=key) from e

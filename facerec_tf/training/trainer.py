@@ -119,6 +119,7 @@ class Trainer:
                 self.config.optimizer, self.schedule, self.precision, centers
             )
             self.variables = backbone_variables + head_variables
+            self.num_trained_backbone_variables = len(backbone_variables)
             # the clipped part: the backbone, or the PFE head when the backbone is frozen
             self.num_backbone_variables = len(backbone_variables) or (
                 len(head_variables) if self.config.loss.pfe else 0
@@ -174,7 +175,16 @@ class Trainer:
             )
         else:
             self.writer = tf.summary.create_noop_writer()
-        self._train_fn = self._build_train_fn()
+        # Fine-tuning: the first freeze_steps steps train the head only (rounded up to whole
+        # loops of steps_per_loop); the backbone's gradient is scaled by backbone_lr_mult.
+        opt = self.config.optimizer
+        self.freeze_steps = 0
+        if opt.freeze_backbone_epochs > 0:
+            loop = rt.steps_per_loop
+            self.freeze_steps = loop * math.ceil(
+                opt.freeze_backbone_epochs * self.steps_per_epoch / loop
+            )
+        self._train_fns = {}
         self._verification = None
         self.history: list[dict] = []
 
@@ -189,7 +199,15 @@ class Trainer:
         scale = getattr(self.optimizer, "dynamic_scale", None)
         return tf.cast(scale, tf.float32) if scale is not None else tf.constant(1.0)
 
-    def _replica_step(self, images, labels):
+    def _scale_backbone_gradients(self, grads, num_backbone: int) -> list:
+        """``optimizer.backbone_lr_mult``: with SGD (momentum linear in the gradient, coupled
+        decay already added) scaling the gradient is scaling the learning rate, exactly."""
+        mult = self.config.optimizer.backbone_lr_mult
+        if mult == 1.0:
+            return grads
+        return [g * mult for g in grads[:num_backbone]] + list(grads[num_backbone:])
+
+    def _replica_step(self, images, labels, train_backbone=True):
         import tensorflow as tf
 
         from facerec_tf.training.optim import process_gradients
@@ -197,20 +215,25 @@ class Trainer:
         if self.partial_fc is not None:
             return self._partial_fc_step(images, labels)
         clip = self.config.optimizer.clip_norm
+        # the head-only phase leaves the backbone's variables (and slots) alone
+        skip = 0 if train_backbone else self.num_trained_backbone_variables
+        variables, decay = self.variables[skip:], self.decay[skip:]
+        num_clipped = self.num_backbone_variables if train_backbone else 0
         with tf.GradientTape() as tape:
-            out = self.objective(images, labels)
+            out = self.objective(images, labels, train_backbone=train_backbone)
             per_example = tf.add_n(list(out.terms.values()))
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch)
             scaled = (
                 self.optimizer.scale_loss(loss) if hasattr(self.optimizer, "scale_loss") else loss
             )
-        grads = tape.gradient(scaled, self.variables)
+        grads = tape.gradient(scaled, variables)
         ctx = tf.distribute.get_replica_context()
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
         grads, grad_norm = process_gradients(
-            grads, self.variables, self.decay, self.num_backbone_variables, clip, self._loss_scale()
+            grads, variables, decay, num_clipped, clip, self._loss_scale()
         )
-        self.optimizer.apply_gradients(zip(grads, self.variables))
+        grads = self._scale_backbone_gradients(grads, self.num_trained_backbone_variables - skip)
+        self.optimizer.apply_gradients(zip(grads, variables))
         correct = tf.constant(0.0)
         if out.logits is not None:
             predicted = tf.argmax(out.logits, axis=1, output_type=tf.int32)
@@ -229,6 +252,7 @@ class Trainer:
         import tensorflow as tf
 
         from facerec_tf.training.optim import process_gradients
+        from facerec_tf.training.task import model_input
 
         opt = self.config.optimizer
         pfc = self.partial_fc
@@ -236,7 +260,8 @@ class Trainer:
         step = self.optimizer.iterations
         learning_rate = tf.cast(self.schedule(step), tf.float32)  # before apply increments it
         with tf.GradientTape() as tape:
-            embeddings = self.backbone(images, training=True)
+            inputs = model_input(images, self.config.model.include_preprocessing)
+            embeddings = self.backbone(inputs, training=True)
             out = pfc.forward(embeddings, labels, step=step, tape=tape)
             scaled = (
                 self.optimizer.scale_loss(out.objective)
@@ -251,6 +276,7 @@ class Trainer:
         grads, grad_norm = process_gradients(
             grads, self.variables, self.decay, len(grads), opt.clip_norm, scale
         )
+        grads = self._scale_backbone_gradients(grads, len(grads))
         # Under loss scaling a step with an overflow anywhere is skipped by every replica
         # (the Keras optimiser decides on the all-reduced backbone gradient; the centre
         # gradients are local, so their verdict is all-reduced too).
@@ -279,7 +305,16 @@ class Trainer:
             "grad_norm": grad_norm,
         }
 
-    def _build_train_fn(self):
+    def _train_fn(self, iterator):
+        """Run one loop of ``steps_per_loop`` steps (head-only before ``freeze_steps``)."""
+        train_backbone = self.step >= self.freeze_steps
+        if train_backbone not in self._train_fns:
+            self._train_fns[train_backbone] = self._build_train_fn(train_backbone)
+        return self._train_fns[train_backbone](iterator)
+
+    def _build_train_fn(self, train_backbone=True):
+        import functools
+
         import tensorflow as tf
 
         strategy = self.strategy
@@ -288,7 +323,7 @@ class Trainer:
 
         # XLA compiles the replica step (forward, loss, gradients, collectives, optimiser);
         # the iterator stays outside the cluster, as Keras does for jit_compile.
-        replica_step = self._replica_step
+        replica_step = functools.partial(self._replica_step, train_backbone=train_backbone)
         if self.config.runtime.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
 
@@ -379,8 +414,11 @@ class Trainer:
         import tensorflow as tf
 
         if getattr(self, "_embed", None) is None:
+            from facerec_tf.training.task import model_input
+
+            keep = self.config.model.include_preprocessing
             self._embed = tf.function(
-                lambda x: self.backbone(tf.cast(x, tf.float32), training=False)
+                lambda x: self.backbone(model_input(tf.cast(x, tf.float32), keep), training=False)
             )
         return self._embed
 
@@ -466,7 +504,7 @@ class Trainer:
                 "that run or choose another --output"
             )
         self._log(
-            f"training {self.config.model.backbone} + {self.config.head.name} on "
+            f"training {self.backbone.name} + {self.config.head.name} on "
             f"{self.task.dataset_name} ({self.task.num_classes} classes, {self.task.num_images} "
             f"images at {self.task.image_size[0]}x{self.task.image_size[1]}): "
             f"{self.strategy.num_replicas_in_sync} replica(s) x batch {self.per_replica_batch}, "
