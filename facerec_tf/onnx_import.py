@@ -465,9 +465,10 @@ class _Graph:
             return np.asarray(data_shape, np.int64)
         args = [self.shape_value(n, data, data_shape, node) for n in node.input if n]
         attrs = {a.name: self._helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "Slice":
-            starts, ends = int(args[1].reshape(-1)[0]), int(args[2].reshape(-1)[0])
-            value = args[0][starts:ends]
+        if node.op_type == "Slice":  # of a 1-D shape: opset 10+ inputs, or attributes
+            bounds = args[1:3] if len(args) >= 3 else (attrs["starts"], attrs["ends"])
+            start, end = (int(np.reshape(b, -1)[0]) for b in bounds)
+            value = args[0][start:end]
         else:
             value = _fold(node.op_type, attrs, args)
         if value is None:

@@ -442,6 +442,36 @@ def test_pytorch18_style_graph(torch_data, probe, tmp_path):
     _parity(model(probe, training=False).numpy(), ref, "PyTorch 1.8-style graph vs ORT")
 
 
+def test_prelu_slopes_given_as_vectors(torch_data, tmp_path):
+    """``[C]`` slopes (as some simplifiers write them) parse to the same values as
+    ``[C, 1, 1]`` (parse only: onnxruntime would broadcast ``[C]`` over W)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from facerec_tf.onnx_import import parse_insightface_onnx
+
+    src = torch_data / "mbf_s1_b2231_e128.onnx"
+
+    def flatten_slopes(model):
+        for i, init in enumerate(model.graph.initializer):
+            value = numpy_helper.to_array(init)
+            if value.ndim == 3 and value.shape[1:] == (1, 1):
+                model.graph.initializer[i].CopyFrom(
+                    numpy_helper.from_array(value.reshape(-1), init.name)
+                )
+
+    model = onnx.load(str(src))
+    flatten_slopes(model)
+    path = tmp_path / "vector_slopes.onnx"
+    onnx.save(model, str(path))
+    got, want = parse_insightface_onnx(path), parse_insightface_onnx(src)
+    for a, b in [(got.stem, want.stem), (got.conv_sep, want.conv_sep)] + [
+        (u.dw, v.dw) for u, v in zip(got.units, want.units)
+    ]:
+        np.testing.assert_array_equal(a.prelu, b.prelu)
+        assert a.prelu.shape == (a.out_channels,)
+
+
 def _normalise_in_graph(ops) -> callable:
     """An edit that feeds the input through ``ops`` = [(op_type, constant), ...] first."""
     from onnx import helper, numpy_helper
@@ -747,3 +777,40 @@ def test_import_rejects_a_non_iresnet_naming_the_node(insightface_r18, tmp_path)
     assert info.value.node is not None
     assert victim.name in str(info.value) and "PRelu" in str(info.value)
     assert str(path) in str(info.value)
+
+
+def _global_average_pool(model) -> None:
+    """ReduceMean(axes=[2, 3]) -> GlobalAveragePool, as nn.AdaptiveAvgPool2d(1) exports."""
+    for node in model.graph.node:
+        if node.op_type == "ReduceMean":
+            node.op_type = "GlobalAveragePool"
+            del node.attribute[:]
+
+
+@pytest.mark.slow
+def test_ir_se_variants(twins, tmp_path):
+    """The SE pool as GlobalAveragePool imports the same; an SE block missing from one unit
+    is refused naming that unit's Add."""
+    from facerec_tf.onnx_import import OnnxImportError, load_insightface_onnx
+
+    src = twins / "ir_se10.onnx"
+    path = _edit(src, tmp_path / "gap.onnx", _global_average_pool)
+    probe = np.load(twins / "ir_se10_probe.npy").astype(np.float32)
+    model = load_insightface_onnx(path)
+    assert model.get_config()["se_ratio"] == 16
+    _parity(model(probe, training=False).numpy(), _ort_embed(src, _to_insightface(probe)),
+            "ir_se10 (GlobalAveragePool) vs ORT")  # fmt: skip
+
+    def drop_last_se(m):  # the last unit adds bn3 directly, without its SE nodes
+        mul = [n for n in m.graph.node if n.op_type == "Mul"][-1]
+        add = next(n for n in m.graph.node if n.op_type == "Add" and mul.output[0] in n.input)
+        add.input[list(add.input).index(mul.output[0])] = mul.input[0]
+        keep = [n for n in m.graph.node if not n.name.startswith("/layer4/layer4.0/se_module/")]
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+
+    path = _edit(src, tmp_path / "no_se.onnx", drop_last_se)
+    with pytest.raises(OnnxImportError) as info:
+        load_insightface_onnx(path)
+    message = str(info.value)
+    assert "'/layer4/layer4.0/Add' (Add): stage 4 unit 1 has no SE block" in message, message
