@@ -17,6 +17,7 @@ TORCH_PARAMETERS = {
     "iresnet100": 65_156_160,
     "iresnet200": 118_833_920,
     "mobilefacenet": 2_059_520,
+    "mobilefacenet_large": 6_314_880,  # get_mbf_large: scale 4, blocks (2, 8, 12, 4)
 }
 GFLOPS = {"iresnet18": 5.22, "iresnet50": 12.62, "iresnet100": 24.18}
 

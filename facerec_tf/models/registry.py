@@ -23,6 +23,11 @@ BACKBONES: dict[str, tuple[type, dict]] = {
     "ir_se50": (IResNetBackbone, {"depth": 50, "se": True}),
     "ir_se100": (IResNetBackbone, {"depth": 100, "se": True}),
     "mobilefacenet": (MobileFaceNetBackbone, {}),
+    # arcface_torch mbf_large: scale 4, blocks (2, 8, 12, 4)
+    "mobilefacenet_large": (
+        MobileFaceNetBackbone,
+        {"width_scale": 4, "stage_units": (2, 8, 12, 4)},
+    ),
     # half width (arcface_torch scale=1): the CPU quickstart backbone
     "mobilefacenet_small": (MobileFaceNetBackbone, {"width_scale": 1}),
     "vargfacenet": (VarGFaceNetBackbone, {}),
@@ -39,6 +44,7 @@ ALIASES = {
     "r100": "iresnet100",
     "r200": "iresnet200",
     "mbf": "mobilefacenet",
+    "mbf_large": "mobilefacenet_large",
 }
 
 
