@@ -42,7 +42,7 @@ import operator
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn
 
@@ -74,6 +74,8 @@ _FLOAT32_EXACT = 1 << 24  # every integer below this is exact in float32
 _DEFAULT_READAHEAD = 64 * 1024
 # Cap on one read when the .idx says a record spans more than this (sparse index).
 _MAX_READAHEAD = 4 * 1024 * 1024
+# Keys looked up at once by RecordIOReader.read_many.
+_MANY_CHUNK = 1024
 # Chunk size used to parse big .idx files.
 _IDX_CHUNK = 64 * 1024 * 1024
 # Longest decimal field accepted in a .idx line (fits int64 without overflow).
@@ -512,32 +514,6 @@ class RecordIOReader:
         """Byte offset of ``key``'s first frame (``KeyError`` if the key is not indexed)."""
         return int(self._offsets[self._position(operator.index(key))])
 
-    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
-        """Byte offsets of many keys at once (``KeyError`` names the first missing key)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if self._keys is None:
-            pos = keys - self._k0
-            bad = (pos < 0) | (pos >= self._n)
-        else:
-            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._n - 1, 0))
-            bad = self._keys[pos] != keys if self._n else np.ones(keys.shape, bool)
-        if bad.any():
-            self._position(int(keys[np.flatnonzero(bad)[0]]))  # raises the KeyError
-        return self._offsets[pos]
-
-    def extents_of(self, keys: np.ndarray) -> np.ndarray:
-        """Bytes from each key's offset to the next indexed record (or the end of the file):
-        a whole one-frame record with its padding, when the file is well formed."""
-        keys = np.asarray(keys, dtype=np.int64)
-        offsets = self.offsets_of(keys)  # raises for missing keys
-        pos = keys - self._k0 if self._keys is None else np.searchsorted(self._keys, keys)
-        if self._ends is not None:
-            ends = self._ends[pos]
-        else:
-            nxt = np.minimum(pos + 1, self._n - 1)
-            ends = np.where(pos + 1 < self._n, self._offsets[nxt], self.size)
-        return ends - offsets
-
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, key: int) -> Record:
@@ -550,6 +526,43 @@ class RecordIOReader:
         key = operator.index(key)
         raw, offset = self._read_indexed(key)
         return unpack_record(raw, path=self.path, key=key, offset=offset)
+
+    def read_many(self, keys: Iterable[int]) -> Iterator[Record]:
+        """The records of ``keys``, in the order given (one ``pread`` per record in the common
+        case: each record is read with the bytes up to the next indexed offset).
+
+        Raises, when the iteration reaches the record:
+            KeyError: a key is not in the ``.idx``.
+            RecordIOError: the frames at a key's indexed offset are malformed.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        path = self.path
+        for c0 in range(0, keys.size, _MANY_CHUNK):
+            chunk = keys[c0 : c0 + _MANY_CHUNK]
+            pos = self._positions(chunk)
+            offsets = self._offsets[pos]
+            if self._ends is not None:
+                ends = self._ends[pos]
+            else:
+                nxt = np.minimum(pos + 1, self._n - 1)
+                ends = np.where(pos + 1 < self._n, self._offsets[nxt], self.size)
+            wants = ends - offsets
+            wants = np.where((wants >= 8) & (wants <= _MAX_READAHEAD), wants, _DEFAULT_READAHEAD)
+            for key, offset, want in zip(chunk.tolist(), offsets.tolist(), wants.tolist()):
+                raw, _ = self._read_frames(offset, key, want, _Window(), from_index=True)
+                yield unpack_record(raw, path=path, key=key, offset=offset)
+
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        """Index positions of many keys at once (``KeyError`` names the first missing key)."""
+        if self._keys is None:
+            pos = keys - self._k0
+            bad = (pos < 0) | (pos >= self._n)
+        else:
+            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._n - 1, 0))
+            bad = self._keys[pos] != keys if self._n else np.ones(keys.shape, bool)
+        if bad.any():
+            self._position(int(keys[np.flatnonzero(bad)[0]]))  # raises the KeyError
+        return pos
 
     def read_raw(self, key: int) -> bytes:
         """The reassembled record bytes (header + labels + payload) of ``key``."""
