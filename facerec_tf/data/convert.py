@@ -170,6 +170,10 @@ def jpeg_info(
             scan or end-of-image before any SOF, or a SOF with a zero size or a bad length.
     """
 
+    if type(data) is bytes:
+        for head, info in _last_headers:
+            if data.startswith(head):  # the same bytes up to the SOF's end: the same answer
+                return info
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         raise ImageError(
@@ -191,7 +195,10 @@ def jpeg_info(
             if marker in _SOF_ALL and seg_len >= 8:
                 precision, height, width, comps = _SOF.unpack_from(data, pos + 4)
                 if seg_len == 8 + 3 * comps and height and width:
-                    return JpegInfo(height, width, comps, precision, marker, pos)
+                    info = JpegInfo(height, width, comps, precision, marker, pos)
+                    if type(data) is bytes:
+                        _last_headers[:] = [(data[: pos + 2 + seg_len], info)]
+                    return info
             break
         pos += 2 + seg_len
 
@@ -243,6 +250,12 @@ def jpeg_info(
                 raise fail(f"SOF size {height}x{width}", start, "a non-zero height and width")
             return JpegInfo(height, width, comps, precision, marker, start)
         pos += seg_len
+
+
+# The header bytes (SOI to the end of the SOF segment) of the last JPEG parsed by the fast
+# path, with its JpegInfo: images of one encoder usually share them byte for byte, and
+# jpeg_info reads nothing past them, so a match gives the same result without the walk.
+_last_headers: list[tuple[bytes, JpegInfo]] = []
 
 
 def _jpeg_fail(

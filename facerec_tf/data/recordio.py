@@ -43,7 +43,6 @@ import os
 import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Literal, NamedTuple, NoReturn
 
 import numpy as np
@@ -67,6 +66,7 @@ MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 _FRAME = struct.Struct("<II")
 _IR = struct.Struct("<IfQQ")
+_FRAME_IR = struct.Struct("<IIIfQQ")  # a frame header followed by an IRHeader
 IR_SIZE = _IR.size  # 24
 _FLOAT32_EXACT = 1 << 24  # every integer below this is exact in float32
 
@@ -103,9 +103,8 @@ class IRHeader(NamedTuple):
     id2: int
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One record of a ``.rec`` file.
+class Record(NamedTuple):
+    """One record of a ``.rec`` file (immutable).
 
     Attributes:
         key: the ``.idx`` key, or ``None`` when the record was read by offset.
@@ -536,7 +535,10 @@ class RecordIOReader:
             RecordIOError: the frames at a key's indexed offset are malformed.
         """
         keys = np.asarray(keys, dtype=np.int64)
-        path = self.path
+        path, fd, size = self.path, self._fd, self.size
+        pread, head = os.pread, _FRAME_IR.unpack_from
+        if fd < 0:
+            raise ValueError(f"{path}: reader is closed")
         for c0 in range(0, keys.size, _MANY_CHUNK):
             chunk = keys[c0 : c0 + _MANY_CHUNK]
             pos = self._positions(chunk)
@@ -549,6 +551,23 @@ class RecordIOReader:
             wants = ends - offsets
             wants = np.where((wants >= 8) & (wants <= _MAX_READAHEAD), wants, _DEFAULT_READAHEAD)
             for key, offset, want in zip(chunk.tolist(), offsets.tolist(), wants.tolist()):
+                buf = pread(fd, want, offset)
+                # The common shape, checked here in one go: a whole record in one frame
+                # (cflag 0) that ends, padding included, inside the bytes read and the file,
+                # with a header and its labels. Anything else takes the careful path below.
+                if len(buf) >= 32:
+                    magic, lrec, flag, label, id_, id2 = head(buf, 0)
+                    end = 8 + lrec
+                    start = 32 + 4 * flag
+                    if (
+                        magic == MAGIC
+                        and lrec <= _LENGTH_MASK
+                        and start <= end <= len(buf)
+                        and offset + 8 + ((lrec + 3) & ~3) <= size
+                    ):
+                        labels = struct.unpack_from(f"<{flag}f", buf, 32) if flag else ()
+                        yield Record(key, offset, flag, label, labels, id_, id2, buf[start:end])
+                        continue
                 raw, _ = self._read_frames(offset, key, want, _Window(), from_index=True)
                 yield unpack_record(raw, path=path, key=key, offset=offset)
 
