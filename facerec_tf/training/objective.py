@@ -62,7 +62,7 @@ class Objective:
             self.center = CenterLoss(task.num_classes, alpha=loss.center_alpha, name="center")
             self.center.build((None, dim))
         if loss.distill_weight > 0:
-            from facerec_tf.training.task import load_backbone
+            from facerec_tf.training.saved_models import load_backbone
 
             if not loss.teacher:
                 raise ConfigError(

@@ -12,6 +12,7 @@ import warnings
 
 from facerec_tf.config import TrainConfig
 from facerec_tf.errors import ConfigError
+from facerec_tf.training.saved_models import load_backbone
 
 SYNTHETIC = "synthetic"
 
@@ -267,29 +268,3 @@ def set_synchronized_batch_norm(model, synchronized: bool) -> None:
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = synchronized
-
-
-def load_backbone(path: str, *, key: str):
-    """A saved embedding model: a ``.keras`` file, or a run folder (its
-    ``export/backbone.keras``, else ``best/backbone.keras``)."""
-    import keras
-
-    import facerec_tf.models  # noqa: F401  (registers the backbone classes)
-
-    candidates = [path]
-    if os.path.isdir(path):
-        candidates = [
-            os.path.join(path, "export", "backbone.keras"),
-            os.path.join(path, "best", "backbone.keras"),
-            os.path.join(path, "backbone.keras"),
-        ]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            try:
-                return keras.models.load_model(candidate, compile=False)
-            except Exception as e:  # keras raises many types here
-                raise ConfigError(f"cannot load {candidate}: {e}", key=key) from e
-    raise ConfigError(
-        f"no model at {path} (expected a .keras file or a run folder with export/backbone.keras)",
-        key=key,
-    )
