@@ -16,7 +16,8 @@ in the same run and on the same (page-cached) file, times:
 * for information only, a **copy** of the ``.rec`` (1 MiB reads and writes, fsynced).
 
 Each is run in a fresh process and timed there once its libraries are imported (TensorFlow's
-import is not counted against the reference); the best of ``--repeats`` runs is kept. Prints
+import is not counted against the reference); the steps take turns in each of ``--repeats``
+rounds and the best time of each is kept. Prints
 MB/s of the ``.rec`` bytes, the converter's speed as a multiple of the reference (target >= 2)
 and, as information, as a fraction of the copy. Example::
 
@@ -134,12 +135,15 @@ def timed(program: str, *args: str) -> float:
     return float(r.stdout.split()[-1])
 
 
-def best_of(repeats: int, out: str, program: str, *args: str) -> float:
-    best = float("inf")
+def best_of(repeats: int, out: str, steps: dict[str, tuple]) -> dict[str, float]:
+    """Best seconds of each step over ``repeats`` rounds; the steps take turns in every round,
+    so that each sees the same load on a shared machine."""
+    best = dict.fromkeys(steps, float("inf"))
     for _ in range(repeats):
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
-        best = min(best, timed(program, *args))
+        for name, (program, *args) in steps.items():
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            best[name] = min(best[name], timed(program, *args))
     shutil.rmtree(out, ignore_errors=True)
     return best
 
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
     p.add_argument("--num-shards", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--repeats", type=int, default=2, help="runs of each, best is kept")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; the best of each is kept")
     p.add_argument("--workdir", help="where to build the data (default: a temp folder)")
     args = p.parse_args(argv)
 
@@ -169,12 +173,14 @@ def main(argv=None) -> int:
         size_mb = os.path.getsize(rec) / 1e6
         out = os.path.join(work, "out")
         n = str(args.num_shards)
-        copy = best_of(args.repeats, out, _COPY, rec, os.path.join(work, "copy.rec"))
-        ref = best_of(args.repeats, out, _REFERENCE, rec, out, n)
-        conv = {
-            w: best_of(args.repeats, out, _CONVERT, os.path.dirname(rec), out, n, str(w))
-            for w in args.workers
+        steps = {
+            "copy": (_COPY, rec, os.path.join(work, "copy.rec")),
+            "reference": (_REFERENCE, rec, out, n),
+            **{w: (_CONVERT, os.path.dirname(rec), out, n, str(w)) for w in args.workers},
         }
+        best = best_of(args.repeats, out, steps)
+        copy, ref = best.pop("copy"), best.pop("reference")
+        conv = best
         print(
             f"{args.num_images} records, {size_mb:.1f} MB .rec, {args.num_shards} shards, "
             f"{os.cpu_count()} CPUs, best of {args.repeats}"

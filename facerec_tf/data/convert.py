@@ -170,10 +170,6 @@ def jpeg_info(
             scan or end-of-image before any SOF, or a SOF with a zero size or a bad length.
     """
 
-    if type(data) is bytes:
-        for head, info in _last_headers:
-            if data.startswith(head):  # the same bytes up to the SOF's end: the same answer
-                return info
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         raise ImageError(
@@ -187,17 +183,26 @@ def jpeg_info(
     # Fast path over ordinary segments (ff, marker, 16-bit length); anything else -- fill
     # bytes, standalone markers, SOF, bad lengths -- is left to the careful loop below.
     unpack = _SEGMENT.unpack_from
+    first = 0  # position of the first segment that is not APPn / COM
     while pos + 4 <= n:
         ff, marker, seg_len = unpack(data, pos)
         if ff != 0xFF or seg_len < 2 or pos + 2 + seg_len > n:
             break
+        if marker in _APP_COM:
+            pos += 2 + seg_len
+            continue
+        if not first:
+            first = pos
+            if _last_header and type(data) is bytes and data.startswith(_last_header[0], pos):
+                info, rel = _last_header[1], _last_header[2]
+                return info if info.sof_offset == pos + rel else info._replace(sof_offset=pos + rel)
         if marker in _NOT_PLAIN:
             if marker in _SOF_ALL and seg_len >= 8:
                 precision, height, width, comps = _SOF.unpack_from(data, pos + 4)
                 if seg_len == 8 + 3 * comps and height and width:
                     info = JpegInfo(height, width, comps, precision, marker, pos)
                     if type(data) is bytes:
-                        _last_headers[:] = [(data[: pos + 2 + seg_len], info)]
+                        _last_header[:] = [data[first : pos + 2 + seg_len], info, pos - first]
                     return info
             break
         pos += 2 + seg_len
@@ -252,10 +257,14 @@ def jpeg_info(
         pos += seg_len
 
 
-# The header bytes (SOI to the end of the SOF segment) of the last JPEG parsed by the fast
-# path, with its JpegInfo: images of one encoder usually share them byte for byte, and
-# jpeg_info reads nothing past them, so a match gives the same result without the walk.
-_last_headers: list[tuple[bytes, JpegInfo]] = []
+# APPn and COM segments: their content does not change what jpeg_info returns.
+_APP_COM = frozenset({*range(0xE0, 0xF0), 0xFE})
+# The last JPEG parsed by the fast path: its bytes from the first segment that is not APPn /
+# COM to the end of its SOF segment, its JpegInfo, and the SOF's position relative to the
+# start of those bytes. Images of one encoder usually share these bytes exactly, and
+# jpeg_info's answer depends on nothing else (but the SOF's position), so a match gives the
+# same result without walking the segments again.
+_last_header: list = []
 
 
 def _jpeg_fail(
