@@ -17,7 +17,7 @@ Output (``output_dir``): ``train-00000-of-000NN.tfrecord`` shards (layout in
 :mod:`facerec_tf.data.schema`, framing in :mod:`facerec_tf.data.tfrecord`) and
 ``manifest.json``, written last.
 
-How it works:
+How it works, in three steps (:func:`convert`):
 
 * **Plan** (reads only the index, the labels and the first image header; nothing is written):
   image keys and labels, the ``--images-filter`` selection (identities with fewer images are
@@ -25,10 +25,14 @@ How it works:
   permutation ``numpy.random.default_rng(seed).permutation(n)`` of the selected images, and
   ``num_shards`` contiguous, balanced slices of it (shard ``i`` gets images
   ``[i * n // N, (i + 1) * n // N)`` of the permutation), so every shard mixes identities.
-* **Write**: each shard is streamed record by record (read by offset -> check -> encode ->
-  append) into ``.train-000ii-of-000NN.tfrecord.tmp-<pid>`` and ``os.replace``\\ d to its name
-  when complete. ``workers > 1`` writes shards in parallel processes, each with its own reader.
-  Memory is O(one record + write buffer) per process plus O(n) small integers for the plan.
+* **Write shards**: each shard asks the reader for its records in plan order with one call
+  (:meth:`~facerec_tf.data.recordio.RecordIOReader.read_many`; offsets, extents and
+  re-reads stay inside the reader), checks each, frames them as examples in blocks and writes
+  them into ``.train-000ii-of-000NN.tfrecord.tmp-<pid>``, ``os.replace``\\ d to its name
+  when complete. ``workers > 1`` writes shards in parallel processes, each with its own
+  reader. Memory is O(one block) per process plus O(n) small integers for the plan.
+* **Manifest**: ``manifest.json``, written last, lists every shard with its record count,
+  size and sha256.
 * **Validate while writing**: every record is read through the RecordIO reader (framing,
   magic, cflag, padding, label flag, integral labels; in the insightface layout the header's
   label must agree with its identity range), and every image's JPEG header is parsed in pure
@@ -55,7 +59,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import itertools
 import json
 import math
 import multiprocessing
@@ -700,16 +703,17 @@ def _write_shard(
     reencoded: list[str] = []
     if source.kind == "rec":
         assert reader is not None
-        images = _rec_images(reader, source, task)
+        batches = _rec_images(reader, source, task)
     else:
-        images = _folder_images(source, task, reencoded)
+        batches = _folder_images(source, task, reencoded)
     labels = task.labels.tolist()
     keys = task.keys.tolist()
+    c0 = 0
     try:
-        for c0 in range(0, len(keys), _BATCH):
-            c1 = c0 + _BATCH
-            batch = list(itertools.islice(images, _BATCH))
+        for batch in batches:
+            c1 = c0 + len(batch)
             writer.write_examples(batch, labels[c0:c1], keys[c0:c1])
+            c0 = c1
             if report is not None:
                 report(len(batch))
             if should_abort is not None and should_abort():
@@ -732,13 +736,18 @@ def _write_shard(
     )
 
 
-def _rec_images(reader: RecordIOReader, source: _SourceSpec, task: _ShardTask) -> Iterator[bytes]:
-    """The JPEG payloads of a shard's records, in shard order, each checked before it is
-    yielded: the record itself (by the reader), its label against the plan, its JPEG header."""
+def _rec_images(
+    reader: RecordIOReader, source: _SourceSpec, task: _ShardTask
+) -> Iterator[list[bytes]]:
+    """The JPEG payloads of a shard's records, in shard order and lists of up to ``_BATCH``,
+    each checked first: the record itself (by the reader), its label against the plan, its
+    JPEG header."""
     path = source.path
     max_side = source.max_side
     exp_h, exp_w = source.expected_size or (0, 0)
     any_size = source.expected_size is None
+    images: list[bytes] = []
+    append = images.append
     for rec, orig in zip(reader.read_many(task.keys), task.orig_labels.tolist()):
         if (rec.labels[0] if rec.flag else rec.label) != orig:
             _label_problem(rec, orig, path)
@@ -754,7 +763,13 @@ def _rec_images(reader: RecordIOReader, source: _SourceSpec, task: _ShardTask) -
             or not (any_size or (h == exp_h and w == exp_w))
         ):
             _image_problem(info, source, path, rec.key, rec.offset)  # type: ignore[arg-type]
-        yield image
+        append(image)
+        if len(images) == _BATCH:
+            yield images
+            images = []
+            append = images.append
+    if images:
+        yield images
 
 
 def _label_problem(rec: Record, label: int, path: str) -> None:
@@ -795,11 +810,14 @@ def _image_problem(info: JpegInfo, source: _SourceSpec, path: str, key: int, off
     raise AssertionError("unreachable: the image passed every check")  # pragma: no cover
 
 
-def _folder_images(source: _SourceSpec, task: _ShardTask, reencoded: list[str]) -> Iterator[bytes]:
+def _folder_images(
+    source: _SourceSpec, task: _ShardTask, reencoded: list[str]
+) -> Iterator[list[bytes]]:
     """A shard's image files as JPEG bytes (passed through, or re-encoded and noted in
-    ``reencoded``), in shard order, each checked before it is yielded."""
+    ``reencoded``), in shard order and lists of up to ``_BATCH``, each checked first."""
     assert task.files is not None
     expected = source.expected_size
+    images: list[bytes] = []
     for rel, key in zip(task.files, task.keys.tolist()):
         path = os.path.join(source.path, rel)
         data = _read_folder_file(source.path, rel)
@@ -809,7 +827,12 @@ def _folder_images(source: _SourceSpec, task: _ShardTask, reencoded: list[str]) 
         h, w = info.height, info.width
         if h > source.max_side or w > source.max_side or (expected and (h, w) != expected):
             _image_problem(info, source, path, key, 0)
-        yield image
+        images.append(image)
+        if len(images) == _BATCH:
+            yield images
+            images = []
+    if images:
+        yield images
 
 
 def _folder_image(data: bytes, path: str, key: int, max_side: int) -> tuple[bytes, JpegInfo, bool]:
