@@ -198,7 +198,9 @@ def jpeg_info(
             first = pos
             if _last_header and type(data) is bytes and data.startswith(_last_header[0], pos):
                 info, rel = _last_header[1], _last_header[2]
-                return info if info.sof_offset == pos + rel else info._replace(sof_offset=pos + rel)
+                if info.sof_offset == pos + rel:
+                    return info
+                return _new_tuple(JpegInfo, (*info[:5], pos + rel))
         if marker in _NOT_PLAIN:
             if marker in _SOF_ALL and seg_len >= 8:
                 precision, height, width, comps = _SOF.unpack_from(data, pos + 4)
@@ -268,6 +270,7 @@ _APP_COM = frozenset({*range(0xE0, 0xF0), 0xFE})
 # jpeg_info's answer depends on nothing else (but the SOF's position), so a match gives the
 # same result without walking the segments again.
 _last_header: list = []
+_new_tuple = tuple.__new__
 
 
 def _jpeg_fail(
