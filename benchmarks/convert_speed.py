@@ -17,9 +17,9 @@ in the same run and on the same (page-cached) file, times:
 
 Each is run in a fresh process and timed there once its libraries are imported (TensorFlow's
 import is not counted against the reference); the steps take turns in each of ``--repeats``
-rounds and the best time of each is kept. Prints
-MB/s of the ``.rec`` bytes, the converter's speed as a multiple of the reference (target >= 2)
-and, as information, as a fraction of the copy. Example::
+rounds and the fastest run of each is kept. Prints MB/s of the ``.rec`` bytes, the CPU
+seconds used (all threads and worker processes), the converter's speed as a multiple of the
+reference (target >= 2) and, as information, as a fraction of the copy. Example::
 
     python benchmarks/convert_speed.py                  # 40k records, workers 1 and 2
     python benchmarks/convert_speed.py --num-images 10000 --workers 1
@@ -50,29 +50,45 @@ def build_rec(folder: str, num_images: int, num_classes: int, size: int, quality
     return os.fspath(rec)
 
 
-# Each program prints the seconds its timed part took.
-_COPY = """\
+# Each program prints the wall seconds of its timed part and the CPU seconds it used then
+# (all threads, and worker processes).
+_CPU = """\
+import resource
+def cpu():
+    return sum(u.ru_utime + u.ru_stime for u in (
+        resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)))
+"""
+
+_COPY = (
+    _CPU
+    + """\
 import os, sys, time
-t0 = time.perf_counter()
+c0, t0 = cpu(), time.perf_counter()
 with open(sys.argv[1], "rb", buffering=0) as fin, open(sys.argv[2], "wb", buffering=0) as fout:
     while data := fin.read(1 << 20):
         fout.write(data)
     os.fsync(fout.fileno())
-print(time.perf_counter() - t0)
+print(time.perf_counter() - t0, cpu() - c0)
 """
+)
 
-_CONVERT = """\
+_CONVERT = (
+    _CPU
+    + """\
 import sys, time
 from facerec_tf.data.convert import convert
-t0 = time.perf_counter()
+c0, t0 = cpu(), time.perf_counter()
 convert(sys.argv[1], sys.argv[2], num_shards=int(sys.argv[3]), workers=int(sys.argv[4]),
         progress=False)
-print(time.perf_counter() - t0)
+print(time.perf_counter() - t0, cpu() - c0)
 """
+)
 
 # The anchors' loop: MXIndexedRecordIO.read_idx (seek, frame header, frame) and
 # mx.recordio.unpack, then tf.train.Example + tf.io.TFRecordWriter, shuffled like ours.
-_REFERENCE = """\
+_REFERENCE = (
+    _CPU
+    + """\
 import os, struct, sys, time
 import numpy as np
 import tensorflow as tf
@@ -83,7 +99,7 @@ with open(rec_path[:-4] + ".idx") as f:
     for line in f:
         k, v = line.split("\\t")
         idx[int(k)] = int(v)
-t0 = time.perf_counter()
+c0, t0 = cpu(), time.perf_counter()
 fin = open(rec_path, "rb")
 
 def read_idx(key):
@@ -119,12 +135,13 @@ for s in range(num_shards):
         writer.flush()
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-print(time.perf_counter() - t0)
+print(time.perf_counter() - t0, cpu() - c0)
 """
+)
 
 
-def timed(program: str, *args: str) -> float:
-    """Run ``program`` in a fresh interpreter; the seconds it reports."""
+def timed(program: str, *args: str) -> tuple[float, float]:
+    """Run ``program`` in a fresh interpreter; the wall and CPU seconds it reports."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     r = subprocess.run(
@@ -132,13 +149,14 @@ def timed(program: str, *args: str) -> float:
     )
     if r.returncode:
         sys.exit(f"benchmark step failed:\n{r.stderr}")
-    return float(r.stdout.split()[-1])
+    wall, cpu = r.stdout.split()[-2:]
+    return float(wall), float(cpu)
 
 
-def best_of(repeats: int, out: str, steps: dict[str, tuple]) -> dict[str, float]:
-    """Best seconds of each step over ``repeats`` rounds; the steps take turns in every round,
-    so that each sees the same load on a shared machine."""
-    best = dict.fromkeys(steps, float("inf"))
+def best_of(repeats: int, out: str, steps: dict) -> dict:
+    """``(wall, cpu)`` seconds of each step's fastest run over ``repeats`` rounds; the steps
+    take turns in every round, so that each sees the same load on a shared machine."""
+    best = {name: (float("inf"), float("inf")) for name in steps}
     for _ in range(repeats):
         for name, (program, *args) in steps.items():
             shutil.rmtree(out, ignore_errors=True)
@@ -179,18 +197,17 @@ def main(argv=None) -> int:
             **{w: (_CONVERT, os.path.dirname(rec), out, n, str(w)) for w in args.workers},
         }
         best = best_of(args.repeats, out, steps)
-        copy, ref = best.pop("copy"), best.pop("reference")
-        conv = best
+        (copy, _), (ref, ref_cpu) = best.pop("copy"), best.pop("reference")
         print(
             f"{args.num_images} records, {size_mb:.1f} MB .rec, {args.num_shards} shards, "
             f"{os.cpu_count()} CPUs, best of {args.repeats}"
         )
-        print(f"  copy (information)           {size_mb / copy:8.1f} MB/s")
-        print(f"  reference (anchors' loop)    {size_mb / ref:8.1f} MB/s")
-        for w, t in conv.items():
+        print(f"  copy (information)         {size_mb / copy:8.1f} MB/s")
+        print(f"  reference (anchors' loop)  {size_mb / ref:8.1f} MB/s   {ref_cpu:6.2f} CPU-s")
+        for w, (t, cpu) in best.items():
             print(
-                f"  convert --workers {w:<2}         {size_mb / t:8.1f} MB/s   "
-                f"{ref / t:.2f}x the reference (target >= 2)   {copy / t:.2f}x a copy"
+                f"  convert --workers {w:<2}       {size_mb / t:8.1f} MB/s   {cpu:6.2f} CPU-s   "
+                f"{ref / t:.2f}x the reference (target >= 2), {copy / t:.2f}x a copy"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
