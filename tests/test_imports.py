@@ -10,6 +10,7 @@ files must have no cycle.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 
 import pytest
@@ -156,3 +157,13 @@ def test_no_import_circle_between_files():
 def test_known_circles_are_still_there(circle):
     """Fails (XPASS, strict) once a known circle is gone: then drop it from KNOWN_CIRCLES."""
     assert circle not in find_cycles(import_graph())
+
+
+def test_the_package_is_pure_python():
+    """No C source and no extension build: ``pip install`` compiles nothing."""
+    compiled = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"venv", "build"}]
+        compiled += [f for f in files if f.endswith((".c", ".cc", ".cpp", ".h", ".pyx", ".so"))]
+    assert compiled == []
+    assert not (ROOT / "setup.py").exists()  # metadata lives in setup.cfg, no build hook
