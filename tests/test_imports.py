@@ -162,7 +162,7 @@ def test_known_circles_are_still_there(circle):
 def test_the_package_is_pure_python():
     """No C source and no extension build: ``pip install`` compiles nothing."""
     compiled = []
-    for folder, dirs, files in os.walk(ROOT):
+    for _folder, dirs, files in os.walk(ROOT):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in {"venv", "build"}]
         compiled += [f for f in files if f.endswith((".c", ".cc", ".cpp", ".h", ".pyx", ".so"))]
     assert compiled == []
