@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from facerec_tf.cli import VERBOSE_HELP, quiet_tensorflow
+
 EXAMPLES = """\
 examples:
   # insightface targets with a trained run (best/backbone.keras, else export/backbone.keras)
@@ -94,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot-dir", metavar="DIR", help="write <target>_roc.png files here")
     p.add_argument("--ijb-meta", metavar="DIR", help="folder of the IJB meta files")
     p.add_argument("--ijb-images", metavar="DIR", help="folder of the aligned IJB images")
+    p.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     p.add_argument(
         "--ijb-name",
         default="IJBC",
@@ -277,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    quiet_tensorflow(args.verbose)
     from facerec_tf.errors import FacerecError
+    from facerec_tf.evaluation import models
+
+    if args.verbose:
+        models.ONNXRUNTIME_LOG_SEVERITY = 2
 
     try:
         return run(args)

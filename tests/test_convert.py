@@ -339,6 +339,38 @@ def test_jpeg_info_reads_sof_without_decoding(rec_dir):
     assert jpeg_info(payload)[:3] == (112, 112, 3)
 
 
+def test_jpeg_info_header_cache_gives_the_cold_answer(rec_dir):
+    """jpeg_info remembers the last header (from the first non-APPn/COM segment to the SOF's
+    end); a later image sharing those bytes gets the answer a fresh parse gives, errors
+    included."""
+    from facerec_tf.data import convert as convert_module
+
+    base = _jpeg_with_sof()
+    com = [b"\xff\xd8\xff\xfe" + struct.pack(">H", 2 + n) + b"c" * n + base[2:] for n in (0, 5, 77)]
+    bad_app = b"\xff\xd8\xff\xe1\xff\xf0" + base[2:]  # APP1 running past the data
+    with RecDataset(rec_dir / "yale112") as ds:
+        yale = [ds.read_image(k)[0] for k in (1, 2, 3)]
+    cases = [base, *com, *yale, _jpeg_with_sof(w=95), base + b"tail", bad_app, base[:-4]]
+
+    def cold(data):
+        convert_module._last_header.clear()
+        try:
+            return jpeg_info(data)
+        except ImageError as e:
+            return str(e)
+
+    expected = [cold(d) for d in cases]
+    for previous in cases:
+        for data, want in zip(cases, expected):
+            cold(previous)  # leaves ``previous``'s header in the cache (if it parsed)
+            try:
+                got = jpeg_info(data)
+            except ImageError as e:
+                got = str(e)
+            assert got == want and type(got) is type(want)
+    assert [e.sof_offset for e in expected[1:4]] == [24, 29, 101]
+
+
 @pytest.mark.parametrize(
     "data,match",
     [

@@ -117,7 +117,8 @@ def test_loss_config_errors_name_the_key(overrides, key, message):
 
 def test_missing_teacher_and_pretrained_backbone_are_reported_when_the_run_is_built(tmp_path):
     from facerec_tf.training.objective import Objective
-    from facerec_tf.training.task import FaceRecognitionTask, load_backbone
+    from facerec_tf.training.saved_models import load_backbone
+    from facerec_tf.training.task import FaceRecognitionTask
 
     small = ["model.backbone=iresnet10", "data.image_size=32,32", "model.embedding_size=16"]
     task = FaceRecognitionTask(resolve("ms1mv2_vargfacenet_distill", small))

@@ -579,3 +579,15 @@ def test_float32_ambiguous_ranges_are_resolved(rec_dir, monkeypatch):
         assert ds.identity_ranges[:3].tolist() == [[1, 11], [11, 22], [22, 33]]
         assert ds.identity_ranges[-1].tolist() == [154, 165]
         assert np.array_equal(ds.labels, ds.labels_from_headers())
+
+
+@pytest.mark.parametrize("name", ["yale112", "yale112_flat", "split_record"])
+def test_read_many_gives_the_records_of_read_in_the_order_asked(rec_dir, name):
+    with RecordIOReader(rec_dir / name / "train.rec") as reader:
+        keys = np.random.default_rng(1).permutation(reader.keys)
+        keys = np.concatenate([keys, keys[:3]])  # repeated keys are read again
+        got = list(reader.read_many(keys))
+        assert got == [reader.read(k) for k in keys.tolist()]
+        assert [r.key for r in got] == keys.tolist()
+        with pytest.raises(KeyError, match="key 100000 is not in"):
+            list(reader.read_many([int(keys[0]), 100000]))

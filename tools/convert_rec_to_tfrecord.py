@@ -101,15 +101,6 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept images of different sizes (default: all must match property / the first)",
     )
-    p.add_argument(
-        "--direct-io",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help=(
-            "write shards with O_DIRECT, bypassing the page cache (default: only on local "
-            "ext4/XFS/btrfs/F2FS); does not change the output"
-        ),
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     return p
@@ -157,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
                 layout=args.layout,
                 max_image_side=args.max_image_side,
                 allow_mixed_sizes=args.allow_mixed_sizes,
-                direct_io=args.direct_io,
             )
         for w in caught:
             print(f"warning: {w.message}", file=sys.stderr)

@@ -111,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         help="saved_model with --model-name/--version: replace an existing version folder",
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--verbose", action="store_true", help="also show TensorFlow's own log lines")
     return p
 
 
@@ -127,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         import facerec_tf  # noqa: F401
     except ImportError:  # run from a checkout whose package is not installed
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from facerec_tf.cli import run_main
+    from facerec_tf.cli import quiet_tensorflow, run_main
+
+    quiet_tensorflow(args.verbose)
     from facerec_tf.errors import FacerecError
     from facerec_tf.export import export_model, resolve_model_path
 

@@ -17,7 +17,7 @@ Output (``output_dir``): ``train-00000-of-000NN.tfrecord`` shards (layout in
 :mod:`facerec_tf.data.schema`, framing in :mod:`facerec_tf.data.tfrecord`) and
 ``manifest.json``, written last.
 
-How it works:
+How it works, in three steps (:func:`convert`):
 
 * **Plan** (reads only the index, the labels and the first image header; nothing is written):
   image keys and labels, the ``--images-filter`` selection (identities with fewer images are
@@ -25,10 +25,14 @@ How it works:
   permutation ``numpy.random.default_rng(seed).permutation(n)`` of the selected images, and
   ``num_shards`` contiguous, balanced slices of it (shard ``i`` gets images
   ``[i * n // N, (i + 1) * n // N)`` of the permutation), so every shard mixes identities.
-* **Write**: each shard is streamed record by record (read by offset -> check -> encode ->
-  append) into ``.train-000ii-of-000NN.tfrecord.tmp-<pid>`` and ``os.replace``\\ d to its name
-  when complete. ``workers > 1`` writes shards in parallel processes, each with its own reader.
-  Memory is O(one record + write buffer) per process plus O(n) small integers for the plan.
+* **Write shards**: each shard asks the reader for its records in plan order with one call
+  (:meth:`~facerec_tf.data.recordio.RecordIOReader.read_many`; offsets, extents and
+  re-reads stay inside the reader), checks each, frames them as examples in blocks and writes
+  them into ``.train-000ii-of-000NN.tfrecord.tmp-<pid>``, ``os.replace``\\ d to its name
+  when complete. ``workers > 1`` writes shards in parallel processes, each with its own
+  reader. Memory is O(one block) per process plus O(n) small integers for the plan.
+* **Manifest**: ``manifest.json``, written last, lists every shard with its record count,
+  size and sha256.
 * **Validate while writing**: every record is read through the RecordIO reader (framing,
   magic, cflag, padding, label flag, integral labels; in the insightface layout the header's
   label must agree with its identity range), and every image's JPEG header is parsed in pure
@@ -64,17 +68,16 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from facerec_tf.data import directio, fastrec, schema
-from facerec_tf.data.rec_batch import check_records
-from facerec_tf.data.recordio import MAGIC, RecDataset, RecordIOReader, read_property
-from facerec_tf.data.tfrecord import BufferPool, TFRecordWriter, encode_example, verify_shard
+from facerec_tf.data import schema
+from facerec_tf.data.recordio import RecDataset, Record, RecordIOReader, read_property
+from facerec_tf.data.tfrecord import TFRecordWriter, verify_shard
 from facerec_tf.errors import (
     DataFormatError,
     ImageError,
@@ -102,10 +105,7 @@ MAX_IMAGE_SIDE = 4096
 REENCODE_QUALITY = 95
 # Bytes a record adds to its image in a shard: TFRecord framing (16) + Example fields (~60).
 _RECORD_OVERHEAD = 80
-_PROGRESS_EVERY = 512  # records between progress reports / abort checks in a worker
-_BATCH = 1024  # records checked at once by the vectorised fast path (and progress step)
-_MAX_BATCH_RECORD = 1 << 20  # larger records (by .idx extent) take the per-record path
-_WRITEBACK_BYTES = 8 << 20  # start the disk writeback of a shard every 8 MiB (see fastrec)
+_BATCH = 512  # records framed at once, and between progress reports / abort checks
 
 
 class ReencodeWarning(UserWarning):
@@ -186,15 +186,29 @@ def jpeg_info(
     # Fast path over ordinary segments (ff, marker, 16-bit length); anything else -- fill
     # bytes, standalone markers, SOF, bad lengths -- is left to the careful loop below.
     unpack = _SEGMENT.unpack_from
+    first = 0  # position of the first segment that is not APPn / COM
     while pos + 4 <= n:
         ff, marker, seg_len = unpack(data, pos)
         if ff != 0xFF or seg_len < 2 or pos + 2 + seg_len > n:
             break
+        if marker in _APP_COM:
+            pos += 2 + seg_len
+            continue
+        if not first:
+            first = pos
+            if _last_header and type(data) is bytes and data.startswith(_last_header[0], pos):
+                info, rel = _last_header[1], _last_header[2]
+                if info.sof_offset == pos + rel:
+                    return info
+                return _new_tuple(JpegInfo, (*info[:5], pos + rel))
         if marker in _NOT_PLAIN:
             if marker in _SOF_ALL and seg_len >= 8:
                 precision, height, width, comps = _SOF.unpack_from(data, pos + 4)
                 if seg_len == 8 + 3 * comps and height and width:
-                    return JpegInfo(height, width, comps, precision, marker, pos)
+                    info = JpegInfo(height, width, comps, precision, marker, pos)
+                    if type(data) is bytes:
+                        _last_header[:] = [data[first : pos + 2 + seg_len], info, pos - first]
+                    return info
             break
         pos += 2 + seg_len
 
@@ -248,6 +262,17 @@ def jpeg_info(
         pos += seg_len
 
 
+# APPn and COM segments: their content does not change what jpeg_info returns.
+_APP_COM = frozenset({*range(0xE0, 0xF0), 0xFE})
+# The last JPEG parsed by the fast path: its bytes from the first segment that is not APPn /
+# COM to the end of its SOF segment, its JpegInfo, and the SOF's position relative to the
+# start of those bytes. Images of one encoder usually share these bytes exactly, and
+# jpeg_info's answer depends on nothing else (but the SOF's position), so a match gives the
+# same result without walking the segments again.
+_last_header: list = []
+_new_tuple = tuple.__new__
+
+
 def _jpeg_fail(
     detail: str, at: int, expected: str, path: PathLike | None, key: int | None, offset: int | None
 ) -> ImageError:
@@ -280,7 +305,6 @@ class _SourceSpec:
     path: str  # the .rec, or the folder root
     idx_path: str | None
     layout: str  # "insightface" | "flat" | "folder"
-    read_size: int  # rec: bytes read at once at a record's offset (one pread for most)
     expected_size: tuple[int, int] | None  # None: only the max-side cap
     size_from: str  # where expected_size comes from (for messages)
     max_side: int
@@ -296,7 +320,6 @@ class _ShardTask:
     labels: np.ndarray  # output labels
     orig_labels: np.ndarray  # source labels (checked against each record header for .rec)
     files: list[str] | None = None  # folder input: file path per key
-    direct_io: bool = False  # write the shard with O_DIRECT (see facerec_tf.data.directio)
 
 
 @dataclass(frozen=True)
@@ -460,7 +483,6 @@ def _make_plan(
                 ds.path,
                 ds.idx_path,
                 ds.layout,
-                _read_size(file_size / max(total_records, 1)),
                 None,
                 "",
                 max_image_side,
@@ -482,7 +504,7 @@ def _make_plan(
                 f"the output folder {output_dir} is inside the image-folder input "
                 f"{input_path}; it would be read as an identity on the next run"
             )
-        source = _SourceSpec("folder", input_path, None, "folder", 0, None, "", max_image_side)
+        source = _SourceSpec("folder", input_path, None, "folder", None, "", max_image_side)
         first = files[0]
         data = _read_folder_file(input_path, first)
         first_size = _probe_size(data, os.path.join(input_path, first), 0, max_image_side)
@@ -623,144 +645,11 @@ def _open_pillow(data: bytes, path: str, key: int):
 # Writing one shard (in the main process or a worker)
 
 
-def _read_size(mean_record_bytes: float) -> int:
-    """Bytes to read at a record's offset: 1.5x the mean record, 4 KiB multiples, <= 1 MiB."""
-    want = int(mean_record_bytes * 1.5) + 64
-    return min(max(4096, (want + 4095) // 4096 * 4096), 1 << 20)
-
-
-_FRAME_HEAD = struct.Struct("<II")
-_IR_HEAD = struct.Struct("<IfQQ")
-_FIRST_LABEL = struct.Struct("<f")
-_LENGTH_MASK = (1 << 29) - 1
-
-
-class _Batch(NamedTuple):
-    """Records read and checked at once: ``data[first[i]:last[i]]`` is record ``i``'s JPEG
-    payload where ``ok[i]``; records that are not ``ok`` take the per-record path."""
-
-    data: np.ndarray
-    ok: np.ndarray
-    first: np.ndarray
-    last: np.ndarray
-
-    def images(self) -> list[bytes | None]:
-        """The payloads as ``bytes``, ``None`` where not ``ok``."""
-        view = memoryview(self.data)
-        return [
-            bytes(view[a:b]) if good else None
-            for good, a, b in zip(self.ok.tolist(), self.first.tolist(), self.last.tolist())
-        ]
-
-
-class _ImageReader:
-    """Reads image payloads by key, with a fast path for the common record shape.
-
-    The fast path handles one-frame records (cflag 0) whose frame, padding and header fit in
-    the file and whose label equals the planned one, with one ``pread`` (two for a record
-    longer than ``read_size``). Anything else -- a split record, a bad magic or cflag, a short
-    file, a label that is not the expected integer -- goes through
-    :meth:`RecordIOReader.read`, which reassembles split records and raises the precise
-    :class:`RecordIOError`; a well-formed record with an unexpected label raises here.
-    """
-
-    def __init__(self, rec_path: str, idx_path: str | None, read_size: int) -> None:
-        self.reader = RecordIOReader(rec_path, idx_path)
-        self.path = self.reader.path
-        self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self._size = os.fstat(self._fd).st_size
-        self._read_size = max(64, read_size)
-        # The batch fast path reads whole records into one reused buffer (O(batch) memory;
-        # a memory map would put every page it touches, and its neighbours, in the RSS).
-        self._batch_ok = hasattr(os, "preadv") and self.reader.idx_path is not None
-        self._buf = np.empty(0, dtype=np.uint8)
-        self.pool = BufferPool()  # output blocks of the C framing, reused across shards
-
-    def read_batch(
-        self, keys: np.ndarray, labels: np.ndarray, expected_size, max_side: int
-    ) -> _Batch | None:
-        """Read many records into the reused buffer and check them at once
-        (:func:`facerec_tf.data.rec_batch.check_records`); ``None`` where ``preadv`` is
-        missing (the caller then takes the per-record path for the whole batch)."""
-        if not self._batch_ok:
-            return None
-        offsets = self.reader.offsets_of(keys)
-        extents = self.reader.extents_of(keys)
-        lengths = np.where((extents >= 32) & (extents <= _MAX_BATCH_RECORD), extents, 0)
-        ends = np.cumsum(lengths)
-        starts = ends - lengths
-        total = int(ends[-1]) if ends.size else 0
-        if self._buf.size < total:
-            self._buf = np.empty(max(total, 2 * self._buf.size), dtype=np.uint8)
-        fast = fastrec.get()
-        if fast is not None:
-            got = fastrec.pread_records(self._fd, offsets, lengths, self._buf, starts)
-        else:
-            view = memoryview(self._buf)
-            fd = self._fd
-            preadv = os.preadv
-            got = np.fromiter(
-                (
-                    preadv(fd, [view[a : a + n]], off) if n else 0
-                    for a, n, off in zip(starts.tolist(), lengths.tolist(), offsets.tolist())
-                ),
-                dtype=np.int64,
-                count=int(keys.size),
-            )
-        check = check_records if fast is None else fastrec.check_records
-        ok, first, last = check(
-            self._buf,
-            starts,
-            labels,
-            limits=starts + got,
-            expected_size=expected_size,
-            max_side=max_side,
-        )
-        ok &= (lengths > 0) & (got == lengths)
-        return _Batch(self._buf, ok, first, last)
-
-    def read_image(self, key: int, label: int) -> tuple[bytes, int]:
-        """``(payload, record_offset)`` of image record ``key``, whose label must be ``label``."""
-        offset = self.reader.offset_of(key)
-        buf = os.pread(self._fd, self._read_size, offset)
-        if len(buf) >= 32:
-            magic, lrec = _FRAME_HEAD.unpack_from(buf, 0)
-            # lrec <= mask means cflag 0 (a whole record in one frame).
-            if magic == MAGIC and 24 <= lrec <= _LENGTH_MASK:
-                end = 8 + lrec
-                if offset + 8 + ((lrec + 3) & ~3) <= self._size:
-                    if end > len(buf):
-                        buf = os.pread(self._fd, end, offset)
-                    if len(buf) >= end:
-                        flag, value, _, _ = _IR_HEAD.unpack_from(buf, 8)
-                        start = 32 + 4 * flag
-                        if start <= end:
-                            if flag:
-                                value = _FIRST_LABEL.unpack_from(buf, 32)[0]
-                            if value == label:
-                                return buf[start:end], offset
-        return self._read_checked(key, label)
-
-    def _read_checked(self, key: int, label: int) -> tuple[bytes, int]:
-        rec = self.reader.read(key)  # raises the precise RecordIOError
-        got = rec.class_label(self.path)
-        if got != label:
-            raise RecordIOError(
-                f"the image record's label {got} disagrees with the plan made from the "
-                f"identity records / headers, which put it in class {label}",
-                path=self.path,
-                key=key,
-                offset=rec.offset,
-                expected=f"label {label}",
-            )
-        return rec.payload, rec.offset
-
-    def close(self) -> None:
-        self._buf = np.empty(0, dtype=np.uint8)
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.reader.close()
+def _open_reader(source: _SourceSpec) -> RecordIOReader | None:
+    """The ``.rec`` reader of a source (``None`` for an image folder)."""
+    if source.kind != "rec":
+        return None
+    return RecordIOReader(source.path, source.idx_path)
 
 
 _worker_state: dict[str, Any] = {}
@@ -768,7 +657,7 @@ _worker_state: dict[str, Any] = {}
 
 def _init_worker(source: _SourceSpec, abort: Any, queue: Any, reader: Any = None) -> None:
     """ProcessPoolExecutor initializer: remember the source, the abort flag, the queue, and
-    the parent's :class:`_ImageReader` when the worker was forked (its ``.idx`` index and
+    the parent's :class:`RecordIOReader` when the worker was forked (its ``.idx`` index and
     file descriptor are inherited; ``pread`` needs no shared file position)."""
     if queue is not None:
         queue.cancel_join_thread()  # never block a worker's exit on progress messages
@@ -784,14 +673,12 @@ def _run_in_worker(task: _ShardTask) -> _ShardResult | _Failure | None:
     abort = _worker_state["abort"]
     queue = _worker_state["queue"]
     try:
-        reader = _worker_state.get("reader")
-        if source.kind == "rec" and reader is None:
-            reader = _ImageReader(source.path, source.idx_path, source.read_size)
-            _worker_state["reader"] = reader
+        if "reader" not in _worker_state:
+            _worker_state["reader"] = _open_reader(source)
         return _write_shard(
             source,
             task,
-            reader,
+            _worker_state["reader"],
             report=queue.put if queue is not None else None,
             should_abort=abort.is_set,
         )
@@ -809,26 +696,31 @@ class _Aborted(Exception):
 def _write_shard(
     source: _SourceSpec,
     task: _ShardTask,
-    reader: _ImageReader | None,
+    reader: RecordIOReader | None,
     *,
     report: Callable[[int], Any] | None,
     should_abort: Callable[[], bool] | None,
 ) -> _ShardResult:
     """Write ``task``'s shard to its temp file and move it into place when complete."""
-    writer = TFRecordWriter(
-        task.tmp_path,
-        background=True,
-        writeback_bytes=_WRITEBACK_BYTES,
-        direct_io=task.direct_io,
-        pool=reader.pool if reader is not None else None,
-    )
+    writer = TFRecordWriter(task.tmp_path, background=True)
     reencoded: list[str] = []
+    if source.kind == "rec":
+        assert reader is not None
+        batches = _rec_images(reader, source, task)
+    else:
+        batches = _folder_images(source, task, reencoded)
+    labels = task.labels.tolist()
+    keys = task.keys.tolist()
+    c0 = 0
     try:
-        if source.kind == "rec":
-            assert reader is not None
-            _fill_from_rec(writer, source, task, reader, report, should_abort)
-        else:
-            _fill_from_folder(writer, source, task, reencoded, report, should_abort)
+        for batch in batches:
+            c1 = c0 + len(batch)
+            writer.write_examples(batch, labels[c0:c1], keys[c0:c1])
+            c0 = c1
+            if report is not None:
+                report(len(batch))
+            if should_abort is not None and should_abort():
+                raise _Aborted
         writer.close(fsync=True)
         os.replace(task.tmp_path, task.final_path)
     except BaseException:
@@ -844,6 +736,55 @@ def _write_shard(
         writer.sha256,
         len(reencoded),
         reencoded[0] if reencoded else None,
+    )
+
+
+def _rec_images(
+    reader: RecordIOReader, source: _SourceSpec, task: _ShardTask
+) -> Iterator[list[bytes]]:
+    """The JPEG payloads of a shard's records, in shard order and lists of up to ``_BATCH``,
+    each checked first: the record itself (by the reader), its label against the plan, its
+    JPEG header."""
+    path = source.path
+    max_side = source.max_side
+    exp_h, exp_w = source.expected_size or (0, 0)
+    any_size = source.expected_size is None
+    images: list[bytes] = []
+    append = images.append
+    for rec, orig in zip(reader.read_many(task.keys), task.orig_labels.tolist()):
+        if (rec.labels[0] if rec.flag else rec.label) != orig:
+            _label_problem(rec, orig, path)
+        image = rec.payload
+        info = jpeg_info(image, path=path, key=rec.key, offset=rec.offset)
+        h, w, comps, precision, sof, _ = info
+        if (
+            sof not in _SOF_SUPPORTED
+            or precision != 8
+            or not (comps == 3 or comps == 1)
+            or h > max_side
+            or w > max_side
+            or not (any_size or (h == exp_h and w == exp_w))
+        ):
+            _image_problem(info, source, path, rec.key, rec.offset)  # type: ignore[arg-type]
+        append(image)
+        if len(images) == _BATCH:
+            yield images
+            images = []
+            append = images.append
+    if images:
+        yield images
+
+
+def _label_problem(rec: Record, label: int, path: str) -> None:
+    """Raise the RecordIOError for an image record whose label is not the planned one."""
+    got = rec.class_label(path)  # raises for a label that is not an integer
+    raise RecordIOError(
+        f"the image record's label {got} disagrees with the plan made from the "
+        f"identity records / headers, which put it in class {label}",
+        path=path,
+        key=rec.key,
+        offset=rec.offset,
+        expected=f"label {label}",
     )
 
 
@@ -872,88 +813,15 @@ def _image_problem(info: JpegInfo, source: _SourceSpec, path: str, key: int, off
     raise AssertionError("unreachable: the image passed every check")  # pragma: no cover
 
 
-def _fill_from_rec(
-    writer: TFRecordWriter,
-    source: _SourceSpec,
-    task: _ShardTask,
-    reader: _ImageReader,
-    report: Callable[[int], Any] | None,
-    should_abort: Callable[[], bool] | None,
-) -> None:
-    """The hot loop: read by offset, check the JPEG header, encode, append.
-
-    Records are checked a batch at a time by :func:`check_records`; the few it does not
-    pass (split records, unusual JPEG headers, errors) go through the per-record path, which
-    accepts them or raises the precise error, so errors surface in shard order either way.
-    """
-    use_c = fastrec.available()
-    for c0 in range(0, int(task.keys.size), _BATCH):
-        keys = task.keys[c0 : c0 + _BATCH]
-        origs = task.orig_labels[c0 : c0 + _BATCH]
-        labels = task.labels[c0 : c0 + _BATCH]
-        batch = reader.read_batch(keys, origs, source.expected_size, source.max_side)
-        if use_c and batch is not None and batch.ok.all():
-            # every record passed the fast checks: encode and frame them in C
-            buf, at = writer.reserve()
-            buf, nbytes = fastrec.frame_examples_into(
-                buf, batch.data, batch.first, batch.last, labels, keys, offset=at
-            )
-            writer.write_reserved(buf, at, nbytes, int(keys.size))
-        else:
-            key_list = keys.tolist()
-            images = None if batch is None else batch.images()
-            if images is None or None in images:
-                images = _images_carefully(reader, source, key_list, origs.tolist(), images)
-            writer.write_examples(images, labels.tolist(), key_list)
-        if report is not None:
-            report(int(keys.size))
-        if should_abort is not None and should_abort():
-            raise _Aborted
-
-
-def _images_carefully(reader: _ImageReader, source: _SourceSpec, keys, origs, fast) -> list:
-    """A batch's JPEG payloads where some record failed the fast checks (``None`` in
-    ``fast``, or no ``fast`` at all): those records take the per-record path
-    (:meth:`_ImageReader.read_image`, :func:`jpeg_info`), which accepts them or raises the
-    precise error, in shard order."""
-    path = source.path
-    max_side = source.max_side
-    exp_h, exp_w = source.expected_size or (0, 0)
-    any_size = source.expected_size is None
-    images = []
-    for key, orig, image in zip(keys, origs, fast or [None] * len(keys)):
-        if image is not None:
-            images.append(image)
-            continue
-        image, offset = reader.read_image(key, orig)
-        info = jpeg_info(image, path=path, key=key, offset=offset)
-        h, w, comps, precision, sof, _ = info
-        if (
-            sof not in _SOF_SUPPORTED
-            or precision != 8
-            or not (comps == 3 or comps == 1)
-            or h > max_side
-            or w > max_side
-            or not (any_size or (h == exp_h and w == exp_w))
-        ):
-            _image_problem(info, source, path, key, offset)
-        images.append(image)
-    return images
-
-
-def _fill_from_folder(
-    writer: TFRecordWriter,
-    source: _SourceSpec,
-    task: _ShardTask,
-    reencoded: list[str],
-    report: Callable[[int], Any] | None,
-    should_abort: Callable[[], bool] | None,
-) -> None:
-    """Read each image file, pass JPEGs through (re-encode others), check, encode, append."""
+def _folder_images(
+    source: _SourceSpec, task: _ShardTask, reencoded: list[str]
+) -> Iterator[list[bytes]]:
+    """A shard's image files as JPEG bytes (passed through, or re-encoded and noted in
+    ``reencoded``), in shard order and lists of up to ``_BATCH``, each checked first."""
     assert task.files is not None
     expected = source.expected_size
-    done = 0
-    for rel, key, label in zip(task.files, task.keys.tolist(), task.labels.tolist()):
+    images: list[bytes] = []
+    for rel, key in zip(task.files, task.keys.tolist()):
         path = os.path.join(source.path, rel)
         data = _read_folder_file(source.path, rel)
         image, info, converted = _folder_image(data, path, key, source.max_side)
@@ -962,16 +830,12 @@ def _fill_from_folder(
         h, w = info.height, info.width
         if h > source.max_side or w > source.max_side or (expected and (h, w) != expected):
             _image_problem(info, source, path, key, 0)
-        writer.write(encode_example(image, label, key))
-        done += 1
-        if done == _PROGRESS_EVERY:
-            if report is not None:
-                report(done)
-            done = 0
-            if should_abort is not None and should_abort():
-                raise _Aborted
-    if report is not None and done:
-        report(done)
+        images.append(image)
+        if len(images) == _BATCH:
+            yield images
+            images = []
+    if images:
+        yield images
 
 
 def _folder_image(data: bytes, path: str, key: int, max_side: int) -> tuple[bytes, JpegInfo, bool]:
@@ -1075,7 +939,6 @@ def convert(
     max_image_side: int = MAX_IMAGE_SIDE,
     allow_mixed_sizes: bool = False,
     prefix: str = "train",
-    direct_io: bool | None = None,
 ) -> dict[str, Any]:
     """Convert a ``.rec`` dataset or an image-folder tree into shuffled TFRecord shards.
 
@@ -1097,10 +960,6 @@ def convert(
         allow_mixed_sizes: accept images of any size up to ``max_image_side`` instead of
             requiring every image to have the expected size (``property``, or first image).
         prefix: shard name prefix (``train`` -> ``train-00000-of-00016.tfrecord``).
-        direct_io: write the shards with ``O_DIRECT``, bypassing the page cache
-            (:mod:`facerec_tf.data.directio`); ``None``: only on local disk file systems
-            (ext4, XFS, btrfs, F2FS). Falls back to buffered writes where refused. The output
-            does not depend on it.
 
     Returns:
         the manifest (also written to ``output_dir/manifest.json``).
@@ -1135,9 +994,21 @@ def convert(
         raise ValueError(f"the output path {output_dir} exists and is not a folder")
     created_dir = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    try:
+        results = _write_shards(plan, output_dir, prefix, workers, progress)
+        manifest = _write_manifest(plan, results, output_dir)
+    except BaseException:
+        _cleanup_failed(output_dir, prefix, created_dir)
+        raise
+    _warn_reencoded(plan, results)
+    return manifest
 
-    if direct_io is None:
-        direct_io = directio.default_for(output_dir)
+
+def _write_shards(
+    plan: _Plan, output_dir: str, prefix: str, workers: int, progress: bool | None
+) -> list[_ShardResult]:
+    """Write every shard of the plan (after removing this prefix's stale temps, the old
+    manifest and old shards the plan does not make)."""
     num = len(plan.bounds) - 1
     pid = os.getpid()
     tasks = []
@@ -1155,47 +1026,44 @@ def convert(
                 plan.labels[lo:hi],
                 plan.orig_labels[lo:hi],
                 [plan.files[k] for k in keys.tolist()] if plan.files is not None else None,
-                bool(direct_io),
             )
         )
-    manifest_path = os.path.join(output_dir, schema.MANIFEST_NAME)
-    try:
-        # Start from a clean slate: stale temps, the old manifest, shards the plan won't make.
-        old_shards, temps = _our_files(output_dir, prefix)
-        for name in temps:
-            _remove(os.path.join(output_dir, name))
-        _remove(manifest_path)
-        planned = {t.name for t in tasks}
-        for name in old_shards:
-            if name not in planned:
-                _remove(os.path.join(output_dir, name))
-        results = _run_tasks(plan, tasks, workers, progress)
-        reencoded = sum(r.reencoded for r in results)
-        if plan.source.kind == "folder":
-            plan.source_info["reencoded_images"] = reencoded
-        manifest = _manifest(plan, results)
-        _fsync_dir(output_dir)
-        _write_json_atomic(manifest_path, manifest)
-    except BaseException:
-        _cleanup_failed(output_dir, prefix, manifest_path, created_dir)
-        raise
+    old_shards, temps = _our_files(output_dir, prefix)
+    _remove(os.path.join(output_dir, schema.MANIFEST_NAME))
+    planned = {t.name for t in tasks}
+    for name in temps + [n for n in old_shards if n not in planned]:
+        _remove(os.path.join(output_dir, name))
+    return _run_tasks(plan, tasks, workers, progress)
+
+
+def _write_manifest(plan: _Plan, results: list[_ShardResult], output_dir: str) -> dict[str, Any]:
+    """Write ``manifest.json`` (last, atomically, after the shards are on disk)."""
+    if plan.source.kind == "folder":
+        plan.source_info["reencoded_images"] = sum(r.reencoded for r in results)
+    manifest = _manifest(plan, results)
+    _fsync_dir(output_dir)
+    _write_json_atomic(os.path.join(output_dir, schema.MANIFEST_NAME), manifest)
+    return manifest
+
+
+def _warn_reencoded(plan: _Plan, results: list[_ShardResult]) -> None:
+    reencoded = sum(r.reencoded for r in results)
     if reencoded:
         example = next(r.reencoded_example for r in results if r.reencoded_example)
         warnings.warn(
             f"{reencoded} non-JPEG image(s) were re-encoded to JPEG (quality "
             f"{REENCODE_QUALITY}), e.g. {os.path.join(plan.source.path, example or '')}",
             ReencodeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return manifest
 
 
-def _cleanup_failed(output_dir: str, prefix: str, manifest_path: str, created_dir: bool) -> None:
+def _cleanup_failed(output_dir: str, prefix: str, created_dir: bool) -> None:
     """Remove every converter file of this prefix (shards, temps, manifest) after a failure."""
     shards, temps = _our_files(output_dir, prefix)
     for name in shards + temps:
         _remove(os.path.join(output_dir, name))
-    _remove(manifest_path)
+    _remove(os.path.join(output_dir, schema.MANIFEST_NAME))
     if created_dir:
         with contextlib.suppress(OSError):
             os.rmdir(output_dir)  # only if empty
@@ -1226,8 +1094,7 @@ def _run_tasks(
     bar = _progress_bar(int(plan.keys.size), progress)
     reader = None
     try:
-        if plan.source.kind == "rec":
-            reader = _ImageReader(plan.source.path, plan.source.idx_path, plan.source.read_size)
+        reader = _open_reader(plan.source)
         report = bar.update if bar is not None else None
         return [
             _write_shard(plan.source, t, reader, report=report, should_abort=None) for t in tasks
@@ -1252,9 +1119,7 @@ def _run_parallel(
     plan: _Plan, tasks: list[_ShardTask], workers: int, progress: bool | None
 ) -> list[_ShardResult]:
     ctx, forked = _pool_context()
-    reader = None
-    if forked and plan.source.kind == "rec":
-        reader = _ImageReader(plan.source.path, plan.source.idx_path, plan.source.read_size)
+    reader = _open_reader(plan.source) if forked else None
     try:
         return _run_pool(plan, tasks, workers, progress, ctx, reader)
     finally:

@@ -42,8 +42,7 @@ import operator
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal, NamedTuple, NoReturn
 
 import numpy as np
@@ -67,6 +66,7 @@ MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 _FRAME = struct.Struct("<II")
 _IR = struct.Struct("<IfQQ")
+_FRAME_IR = struct.Struct("<IIIfQQ")  # a frame header followed by an IRHeader
 IR_SIZE = _IR.size  # 24
 _FLOAT32_EXACT = 1 << 24  # every integer below this is exact in float32
 
@@ -74,6 +74,8 @@ _FLOAT32_EXACT = 1 << 24  # every integer below this is exact in float32
 _DEFAULT_READAHEAD = 64 * 1024
 # Cap on one read when the .idx says a record spans more than this (sparse index).
 _MAX_READAHEAD = 4 * 1024 * 1024
+# Keys looked up at once by RecordIOReader.read_many.
+_MANY_CHUNK = 1024
 # Chunk size used to parse big .idx files.
 _IDX_CHUNK = 64 * 1024 * 1024
 # Longest decimal field accepted in a .idx line (fits int64 without overflow).
@@ -101,9 +103,8 @@ class IRHeader(NamedTuple):
     id2: int
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One record of a ``.rec`` file.
+class Record(NamedTuple):
+    """One record of a ``.rec`` file (immutable).
 
     Attributes:
         key: the ``.idx`` key, or ``None`` when the record was read by offset.
@@ -512,32 +513,6 @@ class RecordIOReader:
         """Byte offset of ``key``'s first frame (``KeyError`` if the key is not indexed)."""
         return int(self._offsets[self._position(operator.index(key))])
 
-    def offsets_of(self, keys: np.ndarray) -> np.ndarray:
-        """Byte offsets of many keys at once (``KeyError`` names the first missing key)."""
-        keys = np.asarray(keys, dtype=np.int64)
-        if self._keys is None:
-            pos = keys - self._k0
-            bad = (pos < 0) | (pos >= self._n)
-        else:
-            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._n - 1, 0))
-            bad = self._keys[pos] != keys if self._n else np.ones(keys.shape, bool)
-        if bad.any():
-            self._position(int(keys[np.flatnonzero(bad)[0]]))  # raises the KeyError
-        return self._offsets[pos]
-
-    def extents_of(self, keys: np.ndarray) -> np.ndarray:
-        """Bytes from each key's offset to the next indexed record (or the end of the file):
-        a whole one-frame record with its padding, when the file is well formed."""
-        keys = np.asarray(keys, dtype=np.int64)
-        offsets = self.offsets_of(keys)  # raises for missing keys
-        pos = keys - self._k0 if self._keys is None else np.searchsorted(self._keys, keys)
-        if self._ends is not None:
-            ends = self._ends[pos]
-        else:
-            nxt = np.minimum(pos + 1, self._n - 1)
-            ends = np.where(pos + 1 < self._n, self._offsets[nxt], self.size)
-        return ends - offsets
-
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, key: int) -> Record:
@@ -550,6 +525,63 @@ class RecordIOReader:
         key = operator.index(key)
         raw, offset = self._read_indexed(key)
         return unpack_record(raw, path=self.path, key=key, offset=offset)
+
+    def read_many(self, keys: Iterable[int]) -> Iterator[Record]:
+        """The records of ``keys``, in the order given (one ``pread`` per record in the common
+        case: each record is read with the bytes up to the next indexed offset).
+
+        Raises, when the iteration reaches the record:
+            KeyError: a key is not in the ``.idx``.
+            RecordIOError: the frames at a key's indexed offset are malformed.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        path, fd, size = self.path, self._fd, self.size
+        pread, head = os.pread, _FRAME_IR.unpack_from
+        if fd < 0:
+            raise ValueError(f"{path}: reader is closed")
+        for c0 in range(0, keys.size, _MANY_CHUNK):
+            chunk = keys[c0 : c0 + _MANY_CHUNK]
+            pos = self._positions(chunk)
+            offsets = self._offsets[pos]
+            if self._ends is not None:
+                ends = self._ends[pos]
+            else:
+                nxt = np.minimum(pos + 1, self._n - 1)
+                ends = np.where(pos + 1 < self._n, self._offsets[nxt], self.size)
+            wants = ends - offsets
+            wants = np.where((wants >= 8) & (wants <= _MAX_READAHEAD), wants, _DEFAULT_READAHEAD)
+            for key, offset, want in zip(chunk.tolist(), offsets.tolist(), wants.tolist()):
+                buf = pread(fd, want, offset)
+                # The common shape, checked here in one go: a whole record in one frame
+                # (cflag 0) that ends, padding included, inside the bytes read and the file,
+                # with a header and its labels. Anything else takes the careful path below.
+                if len(buf) >= 32:
+                    magic, lrec, flag, label, id_, id2 = head(buf, 0)
+                    end = 8 + lrec
+                    start = 32 + 4 * flag
+                    if (
+                        magic == MAGIC
+                        and lrec <= _LENGTH_MASK
+                        and start <= end <= len(buf)
+                        and offset + 8 + ((lrec + 3) & ~3) <= size
+                    ):
+                        labels = struct.unpack_from(f"<{flag}f", buf, 32) if flag else ()
+                        yield Record(key, offset, flag, label, labels, id_, id2, buf[start:end])
+                        continue
+                raw, _ = self._read_frames(offset, key, want, _Window(), from_index=True)
+                yield unpack_record(raw, path=path, key=key, offset=offset)
+
+    def _positions(self, keys: np.ndarray) -> np.ndarray:
+        """Index positions of many keys at once (``KeyError`` names the first missing key)."""
+        if self._keys is None:
+            pos = keys - self._k0
+            bad = (pos < 0) | (pos >= self._n)
+        else:
+            pos = np.minimum(np.searchsorted(self._keys, keys), max(self._n - 1, 0))
+            bad = self._keys[pos] != keys if self._n else np.ones(keys.shape, bool)
+        if bad.any():
+            self._position(int(keys[np.flatnonzero(bad)[0]]))  # raises the KeyError
+        return pos
 
     def read_raw(self, key: int) -> bytes:
         """The reassembled record bytes (header + labels + payload) of ``key``."""

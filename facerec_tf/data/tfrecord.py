@@ -30,7 +30,6 @@ its index.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import queue
@@ -41,19 +40,16 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, NamedTuple
 
 import google_crc32c
-import numpy as np
 
-from facerec_tf.data import directio, fastrec, schema
+from facerec_tf.data import schema
 from facerec_tf.errors import TFRecordError
 
 __all__ = [
-    "BufferPool",
     "FaceExample",
     "ShardStats",
     "TFRecordWriter",
     "decode_example",
     "encode_example",
-    "example_layout",
     "frame_examples",
     "frame_record",
     "iter_records",
@@ -237,14 +233,6 @@ def _image_head(n: int, tail_len: int) -> bytes:
 
 
 _KEY_FIRST = not _LABEL_FIRST
-
-
-def example_layout() -> tuple[bytes, tuple[bytes, ...], tuple[bytes, ...], bool]:
-    """The face Example's wire layout, for encoders outside this module (the C accelerator):
-    ``(image_field, label_prefixes, key_prefixes, label_first)`` -- the image map entry's
-    key field, the bytes before a ``k``-byte int64 varint in the label and source-key entries
-    (index ``k``, 1..10), and whether the label entry precedes the key entry."""
-    return _IMAGE_KEY_FIELD, tuple(_LABEL_PREFIXES), tuple(_SOURCE_PREFIXES), _LABEL_FIRST
 
 
 _label_pieces: dict[int, bytes] = {}
@@ -503,35 +491,6 @@ def decode_example(
 # Writing
 
 
-class BufferPool:
-    """A few reusable, page-aligned byte buffers for blocks of framed records.
-
-    Fresh memory costs a page fault per 4 KiB page on first touch, as much as framing the
-    record itself; the converter reuses its output buffers instead. The buffers are
-    ``uint8`` arrays aligned for direct I/O (:func:`facerec_tf.data.directio.aligned_buffer`).
-    :meth:`get` never blocks (it makes an empty buffer when none is free); :meth:`put` keeps
-    at most ``keep`` of them.
-    """
-
-    def __init__(self, keep: int = 4) -> None:
-        self._free: queue.SimpleQueue = queue.SimpleQueue()
-        self._keep = keep
-
-    def get(self, min_size: int = 0) -> np.ndarray:
-        """A free buffer, or a new one; at least ``min_size`` bytes when asked."""
-        try:
-            buf = self._free.get_nowait()
-        except queue.Empty:
-            buf = directio.aligned_buffer(0)
-        if buf.size < min_size:
-            buf = directio.aligned_buffer(min_size + (min_size >> 3))
-        return buf
-
-    def put(self, buf: np.ndarray) -> None:
-        if self._free.qsize() < self._keep:
-            self._free.put(buf)
-
-
 class TFRecordWriter:
     """Append framed records to a file, keeping a running sha256, count and byte size.
 
@@ -540,48 +499,20 @@ class TFRecordWriter:
     writes and hashes the blocks (both release the GIL) while the caller encodes the next
     ones; at most two blocks wait, so memory stays O(block size).
 
-    Callers that frame records themselves (the C accelerator) take a pooled buffer and the
-    offset to frame at from :meth:`reserve`, then hand the block over with
-    :meth:`write_reserved`; no byte is copied on the way to the disk.
-
     Args:
         path: the file to create (truncated if it exists).
         block_size: bytes gathered before a write.
         background: write and hash in a helper thread.
-        writeback_bytes: when > 0 and writes are buffered, start the disk writeback of the
-            file's dirty pages (:func:`facerec_tf.data.fastrec.start_writeback`) after every
-            this many bytes, so that ``close(fsync=True)`` has little left to wait for.
-        direct_io: write with ``O_DIRECT`` (:mod:`facerec_tf.data.directio`): only whole
-            4 KiB blocks, each block's partial tail carried into the next, the last one
-            padded and the file truncated to size at :meth:`close`. Falls back to buffered
-            writes of the same bytes where the kernel refuses; :attr:`direct_io` tells which.
-        pool: where :meth:`reserve` takes buffers and written ones go back (default: a pool
-            of this writer's own).
 
     Use as a context manager or call :meth:`close` (``close(fsync=True)`` also fsyncs).
     """
 
     def __init__(
-        self,
-        path: PathLike,
-        *,
-        block_size: int = 1 << 20,
-        background: bool = False,
-        writeback_bytes: int = 0,
-        direct_io: bool = False,
-        pool: BufferPool | None = None,
+        self, path: PathLike, *, block_size: int = 1 << 20, background: bool = False
     ) -> None:
         self.path = os.fspath(path)
-        self._writeback_bytes = writeback_bytes
-        self._unsynced = 0
         self._f: BinaryIO = open(self.path, "wb", buffering=0)
         self._fd = self._f.fileno()
-        # _aligned: the block protocol (whole 4 KiB writes, carried tails) is on; it stays
-        # on for the writer's life even if the kernel later refuses O_DIRECT (direct_io).
-        self._aligned = bool(direct_io) and directio.enable(self._fd)
-        self.direct_io = self._aligned
-        self._tail: tuple[np.ndarray, int] | None = None  # (buffer, end) of the unwritten tail
-        self._pool = pool if pool is not None else BufferPool()
         self._sha = hashlib.sha256()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -614,105 +545,23 @@ class TFRecordWriter:
         if self._pending_bytes >= self._block_size:
             self.flush()
 
-    def reserve(self) -> tuple[np.ndarray, int]:
-        """``(buffer, offset)``: a pooled buffer to frame the next records into, starting at
-        ``offset`` (with direct I/O the writer fills the bytes before it with the unwritten
-        tail of the previous block). Pass both to :meth:`write_reserved`; the buffer may be
-        swapped for a larger one in between."""
-        self.flush()  # keep the order of earlier records
-        return self._pool.get(), self._head()
-
-    def write_reserved(self, buf: np.ndarray, offset: int, nbytes: int, count: int) -> None:
-        """Append ``count`` records already framed into ``buf[offset:offset + nbytes]``
-        (``offset`` from :meth:`reserve`); ``buf`` goes back to the pool once written."""
-        if offset != self._head() or self._pending:
-            raise ValueError("write_reserved() must follow the reserve() that gave its offset")
-        self.num_records += count
-        self.bytes += nbytes
-        self._submit(buf, offset, offset + nbytes, True)
-
-    def _head(self) -> int:
-        """Bytes of the unwritten tail that go in front of the next block (direct I/O)."""
-        return self.bytes % directio.ALIGN if self._aligned else 0
-
-    def _submit(self, data, start: int, end: int, pooled: bool) -> None:
-        if self._queue is None:
-            self._consume(data, start, end, pooled)
-        else:
-            self._raise_error()
-            self._queue.put((data, start, end, pooled))
-
-    def _consume(self, data, start: int, end: int, pooled: bool) -> None:
-        """Hash and write ``data[start:end]``; with direct I/O, first fill ``data[:start]``
-        with the previous block's tail and keep this block's own tail for the next."""
-        view = memoryview(data)
-        try:
-            self._sha.update(view[start:end])
-            if not self._aligned:
-                self._write_all(view[start:end])
-                return
-            if start:
-                prev, prev_end = self._tail
-                data[:start] = prev[prev_end - start : prev_end]
-            self._release_tail()
-            cut = end - end % directio.ALIGN
-            self._write_all(view[:cut])
-            if cut < end:
-                self._tail, pooled = (data, end), False
-        finally:
-            view.release()
-            if pooled:
-                self._pool.put(data)
-
-    def _release_tail(self) -> None:
-        if self._tail is not None:
-            self._pool.put(self._tail[0])
-            self._tail = None
-
-    def _write_all(self, view: memoryview) -> None:
-        size = len(view)
+    def _consume(self, block: bytes) -> None:
+        """Hash and write one block."""
+        self._sha.update(block)
+        view = memoryview(block)
         while view:
-            try:
-                n = os.write(self._fd, view)
-            except OSError as e:
-                if not (self.direct_io and e.errno == errno.EINVAL):
-                    raise
-                directio.disable(self._fd)  # refused: write the same bytes buffered
-                self.direct_io = False
-                continue
-            view = view[n:]
-        if self._writeback_bytes and not self.direct_io:
-            self._unsynced += size
-            if self._unsynced >= self._writeback_bytes:
-                self._unsynced = 0
-                fastrec.start_writeback(self._fd)
-
-    def _write_final_tail(self) -> None:
-        """Direct I/O: write the last partial block zero-padded, then cut the file to size."""
-        if self._tail is None:
-            return
-        buf, end = self._tail
-        start = end - end % directio.ALIGN
-        if buf.size < start + directio.ALIGN:
-            block = directio.aligned_buffer(directio.ALIGN)
-            block[: end - start] = buf[start:end]
-        else:
-            block = buf[start : start + directio.ALIGN]
-        block[end - start :] = 0
-        self._write_all(memoryview(block))
-        os.ftruncate(self._fd, self.bytes)
-        self._release_tail()
+            view = view[os.write(self._fd, view) :]
 
     def _drain_queue(self) -> None:
         """The helper thread: write and hash blocks until ``None``; keep the first error."""
         assert self._queue is not None
         while True:
-            item = self._queue.get()
+            block = self._queue.get()
             try:
-                if item is None:
+                if block is None:
                     return
                 if self._error is None:
-                    self._consume(*item)
+                    self._consume(block)
             except BaseException as e:  # re-raised in the caller's thread
                 self._error = e
             finally:
@@ -727,17 +576,15 @@ class TFRecordWriter:
         """Write and hash the gathered records (hand them to the helper thread)."""
         if not self._pending:
             return
-        head = self._head()
-        data = b"".join(self._pending)
-        end, pooled = len(data), False
-        if self._aligned:  # stage the block in an aligned buffer after the carried tail
-            buf = self._pool.get(head + end)
-            buf[head : head + end] = np.frombuffer(data, dtype=np.uint8)
-            data, end, pooled = buf, head + end, True
+        block = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        self.bytes += end - head
-        self._submit(data, head, end, pooled)
+        self.bytes += len(block)
+        if self._queue is None:
+            self._consume(block)
+        else:
+            self._raise_error()
+            self._queue.put(block)
 
     def _sync(self) -> None:
         """Flush and wait until every block is written and hashed."""
@@ -759,7 +606,6 @@ class TFRecordWriter:
         self._pending_bytes = 0
         self._stop_thread()
         self._error = None
-        self._tail = None
         self._f.close()
 
     @property
@@ -775,12 +621,10 @@ class TFRecordWriter:
             return
         try:
             self._sync()
-            self._write_final_tail()
             if fsync:
                 os.fsync(self._fd)
         finally:
             self._stop_thread()
-            self._tail = None
             self._f.close()
 
     def __enter__(self) -> TFRecordWriter:

@@ -211,6 +211,12 @@ def _saved_model_loader(path: str):
     return run, size, "saved_model", f"SavedModel serving_default[{out_key!r}]", None
 
 
+# onnxruntime's session log level (0 verbose .. 3 error, 4 fatal): errors only, so that a
+# model whose graph declares other shapes than it computes (insightface's ONNX files) does not
+# print a warning for every batch. evaluate.py --verbose lowers it to 2 (warnings).
+ONNXRUNTIME_LOG_SEVERITY = 3
+
+
 def _onnx_loader(path: str):
     try:
         import onnxruntime as ort
@@ -223,8 +229,10 @@ def _onnx_loader(path: str):
         for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
         if p in ort.get_available_providers()
     ]
+    options = ort.SessionOptions()
+    options.log_severity_level = ONNXRUNTIME_LOG_SEVERITY
     try:
-        session = ort.InferenceSession(path, providers=providers)
+        session = ort.InferenceSession(path, sess_options=options, providers=providers)
     except Exception as e:
         raise ModelLoadError(
             f"cannot load the ONNX model ({type(e).__name__}: {str(e).splitlines()[0][:200]})",

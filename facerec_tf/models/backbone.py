@@ -31,3 +31,14 @@ class Backbone(keras.Model):
     @property
     def embedding_size(self) -> int:
         return int(self.outputs[0].shape[-1])
+
+
+def backbone_input(images, include_preprocessing: bool):
+    """What a backbone takes from the pipeline's uint8 RGB: the images as they are, or, for a
+    backbone built with ``include_preprocessing=False``, float32 ``(x - 127.5) / 128`` (the
+    normalisation the other backbones apply inside)."""
+    if include_preprocessing:
+        return images
+    import tensorflow as tf
+
+    return (tf.cast(images, tf.float32) - 127.5) / 128.0

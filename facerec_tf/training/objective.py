@@ -63,7 +63,7 @@ class Objective:
             self.center = CenterLoss(task.num_classes, alpha=loss.center_alpha, name="center")
             self.center.build((None, dim))
         if loss.distill_weight > 0:
-            from facerec_tf.training.task import load_backbone
+            from facerec_tf.training.saved_models import load_backbone
 
             if not loss.teacher:
                 raise ConfigError(
@@ -121,11 +121,11 @@ class Objective:
         import keras
         import tensorflow as tf
 
-        from facerec_tf.training.task import model_input
+        from facerec_tf.models.backbone import backbone_input
 
         c = self.config
         terms = {}
-        images = model_input(images, self.include_preprocessing)
+        images = backbone_input(images, self.include_preprocessing)
         if self.uncertainty is not None:
             from facerec_tf.losses.pfe import mls_loss
 

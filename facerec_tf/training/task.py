@@ -12,6 +12,7 @@ import warnings
 
 from facerec_tf.config import TrainConfig
 from facerec_tf.errors import ConfigError
+from facerec_tf.training.saved_models import load_backbone
 
 SYNTHETIC = "synthetic"
 
@@ -328,17 +329,6 @@ class FaceRecognitionTask:
         }
 
 
-def model_input(images, include_preprocessing: bool):
-    """What the backbone takes: the pipeline's uint8 RGB as is, or, for a backbone built with
-    ``include_preprocessing=False``, float32 ``(x - 127.5) / 128`` (the normalisation the
-    other backbones apply inside)."""
-    if include_preprocessing:
-        return images
-    import tensorflow as tf
-
-    return (tf.cast(images, tf.float32) - 127.5) / 128.0
-
-
 def set_synchronized_batch_norm(model, synchronized: bool) -> None:
     """Switch every BatchNormalization of ``model`` to cross-replica (sync) statistics."""
     import keras
@@ -346,17 +336,3 @@ def set_synchronized_batch_norm(model, synchronized: bool) -> None:
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = synchronized
-
-
-def load_backbone(path: str, *, key: str):
-    """A saved or pretrained embedding model (see :func:`facerec_tf.export.load_backbone`;
-    an ``.onnx`` file is an insightface import); errors name the config ``key``."""
-    from facerec_tf.errors import FacerecError
-    from facerec_tf.export import load_backbone as load
-
-    try:
-        return load(path, from_insightface_onnx=os.fspath(path).endswith(".onnx"))
-    except (FileNotFoundError, FacerecError) as e:
-        raise ConfigError(str(e), key=key) from e
-    except Exception as e:  # keras raises many types for a broken .keras file
-        raise ConfigError(f"cannot load {path}: {e}", key=key) from e

@@ -251,8 +251,8 @@ class Trainer:
         coupled decay times ``centers_weight_decay_mult``)."""
         import tensorflow as tf
 
+        from facerec_tf.models.backbone import backbone_input
         from facerec_tf.training.optim import process_gradients
-        from facerec_tf.training.task import model_input
 
         opt = self.config.optimizer
         pfc = self.partial_fc
@@ -260,7 +260,7 @@ class Trainer:
         step = self.optimizer.iterations
         learning_rate = tf.cast(self.schedule(step), tf.float32)  # before apply increments it
         with tf.GradientTape() as tape:
-            inputs = model_input(images, self.config.model.include_preprocessing)
+            inputs = backbone_input(images, self.config.model.include_preprocessing)
             embeddings = self.backbone(inputs, training=True)
             out = pfc.forward(embeddings, labels, step=step, tape=tape)
             scaled = (
@@ -414,11 +414,13 @@ class Trainer:
         import tensorflow as tf
 
         if getattr(self, "_embed", None) is None:
-            from facerec_tf.training.task import model_input
+            from facerec_tf.models.backbone import backbone_input
 
             keep = self.config.model.include_preprocessing
             self._embed = tf.function(
-                lambda x: self.backbone(model_input(tf.cast(x, tf.float32), keep), training=False)
+                lambda x: self.backbone(
+                    backbone_input(tf.cast(x, tf.float32), keep), training=False
+                )
             )
         return self._embed
 
