@@ -30,7 +30,7 @@ EXAMPLES = """examples:
   # a JSON/YAML config file on top of a preset ({"base": "glint360k_r100", ...}) + overrides
   python train.py --config my.json --data /data/glint --output runs/g --set optimizer.clip_norm=0
 
-  # two workers (run on each host with its own TF_CONFIG task index)
+  # two workers (run on each host with its own TF_CONFIG task index), one shared --output
   TF_CONFIG='{"cluster":{"worker":["h1:2222","h2:2222"]},"task":{"type":"worker","index":0}}' \\
       python train.py --config ms1mv3_r100 --data gs://bucket/ms1mv3 --output gs://bucket/run \\
       --strategy multiworker

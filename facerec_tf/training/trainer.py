@@ -73,14 +73,15 @@ class WorkerLostError(FacerecError, RuntimeError):
 
     Attributes:
         worker: the worker that stopped answering (``"worker 1"``), or ``None`` if unknown.
-        step: the last step this worker completed.
+        step: the last step this worker completed (``None``: before training started).
         checkpoint: the latest checkpoint in the run folder, or ``None``.
     """
 
-    def __init__(self, worker: str | None, step: int, checkpoint: str | None):
+    def __init__(self, worker: str | None, step: int | None, checkpoint: str | None):
         self.worker, self.step, self.checkpoint = worker, step, checkpoint
+        when = "before the first step" if step is None else f"at step {step}"
         super().__init__(
-            f"{worker or 'a peer worker'} stopped answering at step {step}; last checkpoint: "
+            f"{worker or 'a peer worker'} stopped answering {when}; last checkpoint: "
             f"{checkpoint or 'none (the run restarts from step 0)'}"
         )
 
@@ -107,6 +108,11 @@ class StopRequest:
         """Handle SIGTERM from now on (call from the main thread). The trainer calls it
         again when training starts: TensorFlow's coordination service installs its own
         SIGTERM handler when a multi-worker cluster starts."""
+
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals
 
         def handler(signum, frame):
             self.received = True
@@ -199,7 +205,13 @@ class Trainer:
         self.steps_per_epoch, self.total_steps = task.steps(self.global_batch)
         self.max_steps = min(max_steps or self.total_steps, self.total_steps)
         if self.num_workers > 1:  # before any variable: a different model would not even build
-            self._agree_on_config()
+            try:
+                self._agree_on_config()
+            except tf.errors.OpError as e:
+                if not _is_peer_failure(e):
+                    raise
+                latest = tf.train.latest_checkpoint(os.path.join(self.output_dir, "checkpoints"))
+                raise WorkerLostError(_lost_worker(e, self.task_id), None, latest) from None
 
         if self.precision != "fp32":
             keras.mixed_precision.set_dtype_policy(self.precision)
