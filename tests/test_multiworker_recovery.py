@@ -29,6 +29,20 @@ TIMEOUT = 300
 EXTRA = ["runtime.checkpoint_every=2"]
 
 
+LAUNCHED: list[subprocess.Popen] = []
+
+
+@pytest.fixture
+def kill_leftovers():
+    """Whatever happens in the test, no worker outlives it."""
+    yield
+    while LAUNCHED:
+        p = LAUNCHED.pop()
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=30)
+
+
 class Cluster:
     """Two local workers on fresh ports; output in files (read while they run)."""
 
@@ -47,6 +61,7 @@ class Cluster:
             self.logs.append((out, err))
             with open(out, "w") as o, open(err, "w") as r:
                 self.procs.append(subprocess.Popen(cmd, stdout=o, stderr=r, env=e, cwd=ROOT))
+        LAUNCHED.extend(self.procs)
         self.deadline = time.time() + TIMEOUT
 
     def stdout(self, index) -> str:
@@ -81,7 +96,9 @@ def last_line(text: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_workers_survive_sigterm_sigkill_and_a_blind_worker_then_resume_bitwise(tmp_path):
+def test_two_workers_survive_sigterm_sigkill_and_a_blind_worker_then_resume_bitwise(
+    tmp_path, kill_leftovers
+):
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
@@ -250,3 +267,77 @@ def test_resume_command_and_exit_codes_are_documented():
     for code in codes:
         assert f"| {code} |" in section
         assert f" {code} " in EXAMPLES
+
+
+def _agreeing(rows, **attrs):
+    """A stand-in trainer whose all-gather returns ``rows`` (one per replica)."""
+    import types
+
+    import numpy as np
+
+    from facerec_tf.training.trainer import Trainer
+
+    fake = types.SimpleNamespace(
+        _gather_rows=lambda values: np.array(rows, dtype=np.float64),
+        _config_words=lambda: [1, 2, 3],
+        _worker_name=lambda row: Trainer._worker_name(None, row),
+        step=int(rows[0][2]),
+        weights_digest=lambda: "0" * 64,
+        output_dir="/mnt/run",
+        checkpoint_dir="/mnt/run/checkpoints",
+        **attrs,
+    )
+    return Trainer, fake
+
+
+def test_workers_that_disagree_are_named_with_their_step_and_the_chiefs():
+    from facerec_tf.training.trainer import ClusterMismatchError
+
+    same = [[0, 0, 6, 1, 2, 3], [0, 0, 6, 1, 2, 3], [0, 1, 6, 1, 2, 3]]  # 2 + 1 replicas
+    trainer, fake = _agreeing(same)
+    trainer._agree_on_state(fake)  # no error
+    trainer._agree_on_config(fake)
+
+    trainer, fake = _agreeing([[0, 0, 6, 1, 2, 3], [0, 1, 0, 7, 8, 9]])
+    with pytest.raises(ClusterMismatchError) as e:
+        trainer._agree_on_state(fake)
+    assert str(e.value) == (
+        "worker 1 restored step 0 but the chief (worker 0) restored step 6: every worker needs "
+        "--resume and the run folder on storage they all see (this worker's: /mnt/run); "
+        "stopping every worker"
+    )
+    trainer, fake = _agreeing([[1, 0, 6, 1, 2, 3], [0, 0, 6, 1, 2, 3], [0, 1, 6, 1, 2, 4]])
+    with pytest.raises(ClusterMismatchError) as e:
+        trainer._agree_on_state(fake)
+    assert str(e.value) == (
+        "worker 1 restored step 6 with other weights than the chief (chief 0, step 6): every "
+        "worker must read the same checkpoints in /mnt/run/checkpoints; stopping every worker"
+    )
+    with pytest.raises(ClusterMismatchError) as e:
+        trainer._agree_on_config(fake)
+    assert str(e.value) == (
+        "worker 1 runs another configuration than the chief (chief 0): give every worker the "
+        "same --config, --set and --max-steps; stopping every worker"
+    )
+
+
+def test_the_lost_worker_is_read_from_tensorflows_error():
+    from facerec_tf.training.trainer import _is_peer_failure, _lost_worker
+
+    class UnavailableError(Exception):
+        pass
+
+    heartbeat = UnavailableError(
+        "Collective ops is aborted by: Error reported from /job:worker/task:1: The following "
+        "tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\n"
+    )
+    reset = UnavailableError(
+        "Collective ops is aborted by: recvmsg:Connection reset by peer\nAdditional GRPC error "
+        "information from remote target /job:worker/replica:0/task:0 while calling "
+        "/tensorflow.WorkerService/RecvBuf"
+    )
+    assert _lost_worker(heartbeat, ("worker", 0)) == "worker 1"
+    assert _lost_worker(reset, ("worker", 1)) == "worker 0"
+    assert _lost_worker(UnavailableError("no task named"), ("worker", 0)) is None
+    assert _is_peer_failure(heartbeat) and _is_peer_failure(reset)
+    assert not _is_peer_failure(ValueError("InvalidArgument: shapes differ"))
