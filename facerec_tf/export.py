@@ -93,10 +93,52 @@ class ExportError(FacerecError, ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writers
+#
+# Local paths use os renames (atomic). Any other ``tf.io.gfile`` file system (``gs://``,
+# ``hdfs://``, ``ram://``...) goes through gfile: the result is written under the hidden
+# temporary name too, then moved file by file (object stores rename no folders, and a
+# folder rename there would not be atomic anyway).
+
+
+def is_remote_path(path: str | os.PathLike) -> bool:
+    """True for a ``scheme://`` path (a non-local ``tf.io.gfile`` file system)."""
+    return "://" in os.fspath(path)
+
+
+def absolute_path(path: str | os.PathLike) -> str:
+    """``os.path.abspath`` for local paths; a ``scheme://`` path is returned unchanged."""
+    path = os.fspath(path)
+    return path if is_remote_path(path) else os.path.abspath(path)
+
+
+def _gfile():
+    import tensorflow as tf
+
+    return tf.io.gfile
+
+
+def _move_tree(src: str, dst: str) -> None:
+    """Move the files of folder ``src`` (recursively) to folder ``dst`` through gfile."""
+    gfile = _gfile()
+    for folder, _, files in list(gfile.walk(src)):
+        rel = folder[len(src) :].lstrip("/")
+        target = f"{dst}/{rel}" if rel else dst
+        gfile.makedirs(target)
+        for name in files:
+            gfile.rename(f"{folder}/{name}", f"{target}/{name}", overwrite=True)
+    gfile.rmtree(src)
 
 
 def _swap_into_place(tmp: str, path: str) -> None:
     """Rename ``tmp`` to ``path``, replacing an existing file or folder at ``path``."""
+    if is_remote_path(path):
+        gfile = _gfile()
+        if not gfile.isdir(tmp):
+            gfile.rename(tmp, path, overwrite=True)
+            return
+        _remove(path)
+        _move_tree(tmp, path)
+        return
     if not os.path.lexists(path):
         os.rename(tmp, path)
         return
@@ -116,21 +158,41 @@ def _swap_into_place(tmp: str, path: str) -> None:
         os.remove(old)
 
 
+def _remove(path: str) -> None:
+    """Remove a file or folder if it exists (any file system)."""
+    if is_remote_path(path):
+        gfile = _gfile()
+        if gfile.isdir(path):
+            gfile.rmtree(path)
+        elif gfile.exists(path):
+            gfile.remove(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
 @contextlib.contextmanager
 def _atomic_dir(path: str | os.PathLike) -> Iterator[str]:
     """Yield an empty hidden folder beside ``path``; on success it replaces ``path``.
 
     On an exception the temporary folder is removed and ``path`` is left as it was.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = absolute_path(path)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    base = os.path.basename(path)
+    if is_remote_path(path):
+        tmp = f"{parent}/.{base}.tmp-{uuid.uuid4().hex}"
+        _gfile().makedirs(tmp)
+    else:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
         yield tmp
         _swap_into_place(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
 
 
@@ -138,19 +200,25 @@ def _atomic_dir(path: str | os.PathLike) -> Iterator[str]:
 def _atomic_file(path: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary file name beside ``path`` (same extension); on success it replaces
     ``path``. On an exception the temporary file is removed and ``path`` is left as it was."""
-    path = os.path.abspath(os.fspath(path))
+    path = absolute_path(path)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    remote = is_remote_path(path)
+    if remote:
+        _gfile().makedirs(parent)
+    else:
+        os.makedirs(parent, exist_ok=True)
     base, ext = os.path.splitext(os.path.basename(path))
     tmp = os.path.join(parent, f".{base}.tmp-{uuid.uuid4().hex}{ext}")
     try:
         yield tmp
-        if os.path.isdir(path):
+        if _gfile().isdir(path) if remote else os.path.isdir(path):
             raise ExportError(f"{path} is a folder; expected a file name ending in {ext!r}")
-        os.replace(tmp, path)
+        if remote:
+            _gfile().rename(tmp, path, overwrite=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        _remove(tmp)
         raise
 
 
@@ -360,7 +428,7 @@ def export_saved_model(backbone, path: str | os.PathLike) -> str:
     }
     module = tf.Module(name="facerec_export")
     module.model_variables = list(graph.variables)  # tracked, so they are saved
-    path = os.path.abspath(os.fspath(path))
+    path = absolute_path(path)
     with _atomic_dir(path) as tmp:
         tf.saved_model.save(module, tmp, signatures=signatures)
     return path
@@ -393,8 +461,8 @@ def export_for_serving(
         raise ExportError(f"model_name {model_name!r} must be a plain folder name")
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ExportError(f"version {version!r} must be a non-negative integer")
-    path = os.path.join(os.path.abspath(os.fspath(base_dir)), model_name, str(version))
-    if os.path.exists(path) and not overwrite:
+    path = os.path.join(absolute_path(base_dir), model_name, str(version))
+    if (_gfile().exists(path) if is_remote_path(path) else os.path.exists(path)) and not overwrite:
         raise ExportError(
             f"{path} already exists; export a new version number (TF Serving does not "
             "reload a version in place) or pass overwrite=True (--overwrite)"
@@ -408,7 +476,7 @@ def export_for_serving(
 
 def export_keras(backbone, path: str | os.PathLike) -> str:
     """``backbone.save(path)`` atomically; ``path`` must end in ``.keras``."""
-    path = os.path.abspath(os.fspath(path))
+    path = absolute_path(path)
     if not path.endswith(".keras"):
         raise ExportError(f"{path}: a Keras model file name must end in '.keras'")
     with _atomic_file(path) as tmp:

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 from facerec_tf.training.strategy import STRATEGIES
+
+# Exit codes of train.py (documented in README "Training on several machines").
+EXIT_OK = 0  # trained to the end
+EXIT_BAD_INPUT = 2  # bad config, data or run folder; workers that disagree (nothing to retry)
+EXIT_WORKER_LOST = 3  # a peer worker stopped answering: relaunch every worker with --resume
+EXIT_PREEMPTED = 143  # SIGTERM: a checkpoint was saved at the step; relaunch with --resume
 
 EXAMPLES = """examples:
   # the quickstart: synthetic identities, MobileFaceNet, 2 CPU cores, a few minutes
@@ -22,12 +30,16 @@ EXAMPLES = """examples:
   # a JSON/YAML config file on top of a preset ({"base": "glint360k_r100", ...}) + overrides
   python train.py --config my.json --data /data/glint --output runs/g --set optimizer.clip_norm=0
 
-  # two workers (run on each host with its own TF_CONFIG task index)
+  # two workers (run on each host with its own TF_CONFIG task index), one shared --output
   TF_CONFIG='{"cluster":{"worker":["h1:2222","h2:2222"]},"task":{"type":"worker","index":0}}' \\
       python train.py --config ms1mv3_r100 --data gs://bucket/ms1mv3 --output gs://bucket/run \\
       --strategy multiworker
 
 Watch it with: tensorboard --logdir OUTPUT/tensorboard
+
+exit codes: 0 done; 2 bad input (one line on stderr); 3 a peer worker stopped answering
+(relaunch every worker with --resume); 143 stopped by SIGTERM after saving a checkpoint at the
+current step (relaunch with --resume)
 """
 
 
@@ -92,11 +104,31 @@ def configure_tensorflow(cpu_replicas: int = 0, deterministic: bool = False) -> 
         tf.config.experimental.enable_op_determinism()
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run (``--resume`` added if missing)."""
+    args = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "train.py", *args])
+
+
+def _exit_now(code: int) -> None:
+    """Exit without waiting for a cluster that lost a member (TensorFlow's shutdown could
+    block on it); the run folder holds nothing unsaved at this point."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     from facerec_tf.config import resolve
     from facerec_tf.errors import FacerecError
+    from facerec_tf.training.trainer import PreemptedError, StopRequest, WorkerLostError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # SIGTERM from now on makes every worker save and stop at the same step
+    stop_request = StopRequest().install()
     try:
         overrides = list(args.overrides)
         overrides.append(f"data.source={args.data}")
@@ -112,12 +144,25 @@ def main(argv=None) -> int:
 
         strategy = create_strategy(args.strategy, tpu=args.tpu)
         task = FaceRecognitionTask(config)
-        trainer = Trainer(task, strategy, args.output, max_steps=args.max_steps)
+        trainer = Trainer(
+            task, strategy, args.output, max_steps=args.max_steps, stop_request=stop_request
+        )
         summary = trainer.train(resume=args.resume)
+    except WorkerLostError as e:
+        print(
+            f"error: {e}; resume by relaunching every worker with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+        _exit_now(EXIT_WORKER_LOST)
+    except PreemptedError as e:
+        print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except FacerecError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    finally:
+        stop_request.uninstall()
     for name, r in summary["verification"].items():
         print(f"final [{name}] accuracy {r['accuracy']:.5f} +- {r['accuracy_std']:.5f}")
     print(f"final weights digest {summary['weights_digest']} after {summary['steps']} steps")
-    return 0
+    return EXIT_OK

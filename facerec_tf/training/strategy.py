@@ -70,3 +70,26 @@ def is_chief(strategy) -> bool:
         return True
     spec = resolver.cluster_spec().as_dict()
     return task_type == "worker" and task_id == 0 and "chief" not in spec
+
+
+def task_of(strategy) -> tuple[str, int] | None:
+    """This process's ``(task type, task id)`` in the cluster, or ``None`` without one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "cluster_spec", None):
+        return None
+    if resolver.task_type is None:
+        return None
+    return resolver.task_type, int(resolver.task_id or 0)
+
+
+def num_workers(strategy) -> int:
+    """How many processes train together under MultiWorkerMirroredStrategy (chief and
+    workers); 1 for every other strategy (a TPU pod has one client process)."""
+    import tensorflow as tf
+
+    resolver = getattr(strategy, "cluster_resolver", None)
+    multi = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if not multi or resolver is None or not getattr(resolver, "cluster_spec", None):
+        return 1
+    spec = resolver.cluster_spec().as_dict()
+    return max(1, sum(len(spec.get(job, [])) for job in ("chief", "worker")))

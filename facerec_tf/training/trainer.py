@@ -19,14 +19,26 @@ Output folder layout::
     OUTPUT/best/backbone.keras    best embedding model by mean verification accuracy
     OUTPUT/export/backbone.keras  final embedding model; OUTPUT/export/saved_model/ (SavedModel)
     OUTPUT/metrics.json           final verification results and throughput
+
+OUTPUT may be on any ``tf.io.gfile`` file system (a local or NFS path, ``gs://``, ...); every
+file above is written through it. Under MultiWorkerMirroredStrategy it must be storage that
+every worker sees: only the chief writes it, and on ``--resume`` every worker restores the
+chief's latest checkpoint from it. Before the first step the workers compare their config,
+restored step and weights digest (:class:`ClusterMismatchError` when one differs). A worker
+that stops answering ends the others with :class:`WorkerLostError`; SIGTERM to any worker
+(:class:`StopRequest`) makes every worker save a checkpoint at the same step and raise
+:class:`PreemptedError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -52,6 +64,94 @@ class ResumeError(FacerecError, RuntimeError):
     """A checkpoint cannot be restored exactly (e.g. it lacks optimiser state)."""
 
 
+class ClusterMismatchError(ResumeError):
+    """The workers of a multi-worker run disagree on the config or the restored state."""
+
+
+class WorkerLostError(FacerecError, RuntimeError):
+    """A peer worker stopped answering (killed, crashed, its machine lost) during training.
+
+    Attributes:
+        worker: the worker that stopped answering (``"worker 1"``), or ``None`` if unknown.
+        step: the last step this worker completed (``None``: before training started).
+        checkpoint: the latest checkpoint in the run folder, or ``None``.
+    """
+
+    def __init__(self, worker: str | None, step: int | None, checkpoint: str | None):
+        self.worker, self.step, self.checkpoint = worker, step, checkpoint
+        when = "before the first step" if step is None else f"at step {step}"
+        super().__init__(
+            f"{worker or 'a peer worker'} stopped answering {when}; last checkpoint: "
+            f"{checkpoint or 'none (the run restarts from step 0)'}"
+        )
+
+
+class PreemptedError(FacerecError, RuntimeError):
+    """SIGTERM reached a worker: every worker saved a checkpoint at ``step`` and stopped."""
+
+    def __init__(self, step: int, checkpoint: str):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(
+            f"stopped by SIGTERM (pre-emption) at step {step}; checkpoint saved: {checkpoint}"
+        )
+
+
+class StopRequest:
+    """Records SIGTERM (what cloud schedulers send before pre-empting a machine) instead of
+    dying; the trainer all-reduces the flag with every step, so all workers stop together."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def install(self) -> StopRequest:
+        """Handle SIGTERM from now on (call from the main thread). The trainer calls it
+        again when training starts: TensorFlow's coordination service installs its own
+        SIGTERM handler when a multi-worker cluster starts."""
+
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may handle signals
+
+        def handler(signum, frame):
+            self.received = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        if self._previous is None:
+            self._previous = previous
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+_LOST_ERRORS = ("UnavailableError", "AbortedError", "CancelledError", "DeadlineExceededError")
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+
+
+def _is_peer_failure(error) -> bool:
+    """A collective or coordination failure caused by another worker going away."""
+    return type(error).__name__ in _LOST_ERRORS or "Collective ops is aborted" in str(error)
+
+
+def _lost_worker(error, own: tuple[str, int] | None) -> str | None:
+    """The first task named in ``error`` that is not this one (``"worker 1"``)."""
+    for job, task in _TASK.findall(str(error)):
+        if own is None or (job, int(task)) != own:
+            return f"{job} {task}"
+    return None
+
+
+def _digest_words(text_or_bytes, words: int = 3) -> list[int]:
+    """The first ``words`` 32-bit words of a sha256 (exact in float64)."""
+    data = text_or_bytes.encode() if isinstance(text_or_bytes, str) else text_or_bytes
+    h = hashlib.sha256(data).digest()
+    return [int.from_bytes(h[4 * i : 4 * i + 4], "big") for i in range(words)]
+
+
 def _format_seconds(s: float) -> str:
     s = int(max(s, 0))
     h, rem = divmod(s, 3600)
@@ -71,20 +171,32 @@ class Trainer:
         stream: where the progress lines go.
     """
 
-    def __init__(self, task, strategy, output_dir: str, max_steps: int | None = None, stream=None):
+    def __init__(
+        self,
+        task,
+        strategy,
+        output_dir: str,
+        max_steps: int | None = None,
+        stream=None,
+        stop_request: StopRequest | None = None,
+    ):
         import keras
         import tensorflow as tf
 
+        from facerec_tf.export import absolute_path
         from facerec_tf.training.optim import build_optimizer, coupled_decay_multipliers
         from facerec_tf.training.schedules import build_schedule
-        from facerec_tf.training.strategy import is_chief
+        from facerec_tf.training.strategy import is_chief, num_workers, task_of
 
         self.task = task
         self.config: TrainConfig = task.config
         self.strategy = strategy
-        self.output_dir = os.path.abspath(output_dir)
+        self.output_dir = absolute_path(output_dir)
         self.stream = stream or sys.stdout
         self.chief = is_chief(strategy)
+        self.num_workers = num_workers(strategy)
+        self.task_id = task_of(strategy)  # ("worker", 1), or None without a cluster
+        self.stop_request = stop_request
         rt = self.config.runtime
         self.precision = resolve_precision(rt.precision, strategy)
 
@@ -92,6 +204,14 @@ class Trainer:
         self.global_batch = self.per_replica_batch * strategy.num_replicas_in_sync
         self.steps_per_epoch, self.total_steps = task.steps(self.global_batch)
         self.max_steps = min(max_steps or self.total_steps, self.total_steps)
+        if self.num_workers > 1:  # before any variable: a different model would not even build
+            try:
+                self._agree_on_config()
+            except tf.errors.OpError as e:
+                if not _is_peer_failure(e):
+                    raise
+                latest = tf.train.latest_checkpoint(os.path.join(self.output_dir, "checkpoints"))
+                raise WorkerLostError(_lost_worker(e, self.task_id), None, latest) from None
 
         if self.precision != "fp32":
             keras.mixed_precision.set_dtype_policy(self.precision)
@@ -159,8 +279,12 @@ class Trainer:
                 **{f"state{i}": v.value for i, v in enumerate(_seed_states(self.backbone))}
             ),
         )
-        ckpt_dir = os.path.join(self.output_dir, "checkpoints")
-        if not self.chief:  # non-chief workers save to a scratch folder (collective op)
+        # Every worker restores from the run folder; only the chief saves there. The other
+        # workers must call save too (it may hold collectives), into a local scratch folder
+        # that nothing reads.
+        self.checkpoint_dir = os.path.join(self.output_dir, "checkpoints")
+        ckpt_dir = self.checkpoint_dir
+        if not self.chief:
             ckpt_dir = tempfile.mkdtemp(prefix="facerec_worker_ckpt_")
         self.manager = tf.train.CheckpointManager(
             self.checkpoint,
@@ -327,19 +451,24 @@ class Trainer:
         if self.config.runtime.jit_compile:
             replica_step = tf.function(replica_step, jit_compile=True)
 
-        def one_step(iterator):
+        def with_stop(images, labels, stop):
+            # this worker's SIGTERM flag rides along with the step's figures: summed over
+            # every replica, all workers see the same verdict after the same step
+            return {**replica_step(images, labels), "stop": tf.identity(stop)}
+
+        def one_step(iterator, stop):
             images, labels = next(iterator)
-            out = strategy.run(replica_step, args=(images, labels))
+            out = strategy.run(with_stop, args=(images, labels, stop))
             return {
                 k: strategy.reduce(MEAN if k == "grad_norm" else SUM, v, axis=None)
                 for k, v in out.items()
             }
 
-        def loop(iterator):
-            out = one_step(iterator)
+        def loop(iterator, stop):
+            out = one_step(iterator, stop)
             if steps > 1:  # a Python test: with one step per call the step is traced once
                 for _ in tf.range(steps - 1):  # figures of the last step are returned
-                    out = one_step(iterator)
+                    out = one_step(iterator, stop)
             return out
 
         return tf.function(loop)
@@ -356,9 +485,15 @@ class Trainer:
         return iter(self.strategy.distribute_datasets_from_function(fn))
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def latest_checkpoint(self) -> str | None:
+        """The newest checkpoint in the run folder (the chief's), seen from this worker."""
+        import tensorflow as tf
+
+        return tf.train.latest_checkpoint(self.checkpoint_dir)
+
     def restore(self) -> int:
         """Restore the latest checkpoint in the run folder (exactly); returns the step."""
-        path = self.manager.latest_checkpoint
+        path = self.latest_checkpoint()
         if path is None:
             return 0
         status = self.checkpoint.restore(path)
@@ -373,31 +508,86 @@ class Trainer:
             self.partial_fc.from_host()  # re-shards for this run's replica count
         return self.step
 
-    def save(self) -> str | None:
+    def save(self) -> str:
         if self.partial_fc is not None:
             self.partial_fc.to_host()  # a collective on multi-worker: every worker saves
-        path = self.manager.save(checkpoint_number=self.step)
-        return path if self.chief else None
+        self.manager.save(checkpoint_number=self.step)
+        return os.path.join(self.checkpoint_dir, f"ckpt-{self.step}")  # the chief's copy
 
     def _discard_latest_checkpoint(self) -> str | None:
         """Drop the newest checkpoint (its weights produced a non-finite loss) and return the
         one before it, which becomes the latest again."""
-        import glob
-
         import tensorflow as tf
 
         paths = list(self.manager.checkpoints)
         if not paths or not self.chief:
             return paths[-1] if paths else None
         bad = paths.pop()
-        for f in glob.glob(bad + ".*"):
-            os.remove(f)
+        for f in tf.io.gfile.glob(bad + ".*"):
+            tf.io.gfile.remove(f)
         tf.compat.v1.train.update_checkpoint_state(
             self.manager.directory,
             model_checkpoint_path=paths[-1] if paths else "",
             all_model_checkpoint_paths=paths,
         )
         return paths[-1] if paths else None
+
+    # ---- agreement between workers -----------------------------------------------------------
+    def _worker_name(self, row) -> str:
+        job = "chief" if int(row[0]) == 1 else "worker"
+        return f"{job} {int(row[1])}"
+
+    def _gather_rows(self, values: list[int]) -> np.ndarray:
+        """All-gather ``[is_chief_job, task id, *values]`` from every worker: one row per
+        replica, in replica order (the chief's rows first)."""
+        import tensorflow as tf
+
+        job, index = self.task_id or ("worker", 0)
+        row = tf.constant([[float(job == "chief"), float(index), *map(float, values)]], tf.float64)
+        per_replica = self.strategy.experimental_distribute_values_from_function(lambda _: row)
+        return self.strategy.gather(per_replica, axis=0).numpy()
+
+    def _config_words(self) -> list[int]:
+        resolved = self.config.to_dict()
+        resolved["data"].pop("source", None)  # the data may be mounted at another path
+        resolved["resolved"] = [
+            self.task.num_classes,
+            self.task.num_images,
+            list(self.task.image_size),
+            self.global_batch,
+            self.max_steps,
+        ]
+        return _digest_words(json.dumps(resolved, sort_keys=True, default=str))
+
+    def _agree_on_config(self) -> None:
+        rows = self._gather_rows(self._config_words())
+        for row in rows[1:]:
+            if not np.array_equal(row[2:], rows[0][2:]):
+                raise ClusterMismatchError(
+                    f"{self._worker_name(row)} runs another configuration than the chief "
+                    f"({self._worker_name(rows[0])}): give every worker the same --config, "
+                    "--set and --max-steps; stopping every worker"
+                )
+
+    def _agree_on_state(self) -> None:
+        """Every worker holds the chief's step and weights before the first step."""
+        rows = self._gather_rows([self.step, *_digest_words(self.weights_digest())])
+        chief = rows[0]
+        for row in rows[1:]:
+            if row[2] != chief[2]:
+                raise ClusterMismatchError(
+                    f"{self._worker_name(row)} restored step {int(row[2])} but the chief "
+                    f"({self._worker_name(chief)}) restored step {int(chief[2])}: every worker "
+                    "needs --resume and the run folder on storage they all see (this worker's: "
+                    f"{self.output_dir}); stopping every worker"
+                )
+            if not np.array_equal(row[3:], chief[3:]):
+                raise ClusterMismatchError(
+                    f"{self._worker_name(row)} restored step {int(row[2])} with other weights "
+                    f"than the chief ({self._worker_name(chief)}, step {int(chief[2])}): every "
+                    f"worker must read the same checkpoints in {self.checkpoint_dir}; "
+                    "stopping every worker"
+                )
 
     def weights_digest(self) -> str:
         """sha256 of the trainable weights (kept identical on every replica and worker; BN
@@ -468,10 +658,19 @@ class Trainer:
         if self.chief:
             print(msg, file=self.stream, flush=True)
 
+    def _write_json(self, name: str, obj) -> None:
+        """``OUTPUT/name`` written whole through tf.io.gfile (temporary name, then rename)."""
+        import tensorflow as tf
+
+        tf.io.gfile.makedirs(self.output_dir)
+        tmp = os.path.join(self.output_dir, f".{name}.tmp")
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(json.dumps(obj, indent=2))
+        tf.io.gfile.rename(tmp, os.path.join(self.output_dir, name), overwrite=True)
+
     def write_config(self) -> None:
         if not self.chief:
             return
-        os.makedirs(self.output_dir, exist_ok=True)
         resolved = self.config.to_dict()
         resolved["resolved"] = {
             "num_classes": self.task.num_classes,
@@ -483,12 +682,40 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "total_steps": self.total_steps,
         }
-        tmp = os.path.join(self.output_dir, ".config.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(resolved, f, indent=2)
-        os.replace(tmp, os.path.join(self.output_dir, "config.json"))
+        self._write_json("config.json", resolved)
 
     def train(self, resume: bool = False) -> dict:
+        """Train to ``max_steps``; returns the summary (also ``OUTPUT/metrics.json``).
+
+        Raises:
+            ResumeError, ClusterMismatchError: see :meth:`restore` and the module docstring.
+            WorkerLostError: a peer worker stopped answering (multi-worker runs).
+            PreemptedError: SIGTERM reached a worker; a checkpoint was saved at the step.
+        """
+        import tensorflow as tf
+
+        own_handler = self.stop_request is None
+        if own_handler:
+            self.stop_request = StopRequest()
+        self.stop_request.install()
+        step = 0
+        try:
+            return self._train(resume)
+        except tf.errors.OpError as e:
+            if self.num_workers <= 1 or not _is_peer_failure(e):
+                raise
+            step = getattr(self, "_last_step", 0)
+            raise WorkerLostError(
+                _lost_worker(e, self.task_id), step, self.latest_checkpoint()
+            ) from None
+        finally:
+            if own_handler:
+                self.stop_request.uninstall()
+                self.stop_request = None
+            if not self.chief:
+                shutil.rmtree(self.manager.directory, ignore_errors=True)
+
+    def _train(self, resume: bool) -> dict:
         import tensorflow as tf
 
         rt = self.config.runtime
@@ -496,15 +723,18 @@ class Trainer:
         if resume:
             start = self.restore()
             self._log(
-                f"resumed from step {start} ({self.manager.latest_checkpoint})"
+                f"resumed from step {start} ({self.latest_checkpoint()})"
                 if start
                 else "no checkpoint to resume from: starting at step 0"
             )
-        elif self.manager.latest_checkpoint is not None:
+        elif self.latest_checkpoint() is not None:
             raise ResumeError(
-                f"{self.manager.directory} already holds checkpoints; pass --resume to continue "
+                f"{self.checkpoint_dir} already holds checkpoints; pass --resume to continue "
                 "that run or choose another --output"
             )
+        self._last_step = self.step
+        if self.num_workers > 1:
+            self._agree_on_state()
         self._log(
             f"training {self.backbone.name} + {self.config.head.name} on "
             f"{self.task.dataset_name} ({self.task.num_classes} classes, {self.task.num_images} "
@@ -513,13 +743,14 @@ class Trainer:
             f"{self.max_steps} of {self.total_steps} steps, precision {self.precision}"
         )
         self.iterator = self._make_iterator(self.step)
-        last_good = self.manager.latest_checkpoint
+        last_good = self.latest_checkpoint()
         window_start, window_images = time.perf_counter(), 0
         run_start = time.perf_counter()
         step = last_saved = self.step
         while step < self.max_steps:
-            out = self._train_fn(self.iterator)
-            step = self.step
+            stop = tf.constant(float(self.stop_request.received), tf.float32)
+            out = self._train_fn(self.iterator, stop)
+            step = self._last_step = self.step
             window_images += self.global_batch * rt.steps_per_loop
             loss = float(out["loss"].numpy())
             if not math.isfinite(loss):
@@ -556,6 +787,11 @@ class Trainer:
                 )
                 self.history.append({"step": step, **figures})
                 window_start, window_images = time.perf_counter(), 0
+            if float(out["stop"].numpy()) > 0 and step < self.max_steps:
+                self.save()  # on every worker, at the same step
+                self.writer.flush()
+                self._log(f"step {step}: SIGTERM received, checkpoint saved, stopping")
+                raise PreemptedError(step, os.path.join(self.checkpoint_dir, f"ckpt-{step}"))
             if step % rt.checkpoint_every == 0 and step < self.max_steps:
                 last_good = self.save() or last_good
                 last_saved = step
@@ -576,10 +812,9 @@ class Trainer:
         if self.chief:
             if rt.export:
                 self.export()
-            with open(os.path.join(self.output_dir, "metrics.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-        else:
-            shutil.rmtree(self.manager.directory, ignore_errors=True)
+            self._write_json("metrics.json", summary)
+        if self.num_workers > 1:  # no worker leaves while another still writes the run folder
+            self._gather_rows([])
         return summary
 
     def _verify_and_log(self, step: int) -> dict:
@@ -603,24 +838,24 @@ class Trainer:
         return results
 
     def _save_backbone(self, path: str) -> None:
+        from facerec_tf.export import export_keras
         from facerec_tf.training.task import set_synchronized_batch_norm
 
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         set_synchronized_batch_norm(self.backbone, False)
-        tmp = path + ".tmp.keras"
-        self.backbone.save(tmp)
-        os.replace(tmp, path)
-        set_synchronized_batch_norm(self.backbone, self.config.model.sync_batch_norm)
+        try:
+            export_keras(self.backbone, path)
+        finally:
+            set_synchronized_batch_norm(self.backbone, self.config.model.sync_batch_norm)
 
     def export(self) -> str:
-        from facerec_tf.export import export_for_serving
+        from facerec_tf.export import export_for_serving, export_keras
 
         folder = os.path.join(self.output_dir, "export")
         self._save_backbone(os.path.join(folder, "backbone.keras"))
         export_for_serving(self.backbone, os.path.join(folder, "saved_model"), overwrite=True)
         if self.objective is not None and self.objective.uncertainty is not None:
             # images -> [embedding, log sigma^2], for evaluate.py --pfe
-            self._pfe_model().save(os.path.join(folder, "pfe.keras"))
+            export_keras(self._pfe_model(), os.path.join(folder, "pfe.keras"))
         self._log(f"exported the embedding model to {folder}")
         return folder
 
