@@ -170,6 +170,7 @@ def main(argv=None) -> int:
             [
                 *common,
                 "model.backbone=mobilefacenet",
+                "model.embedding_size=512",
                 "optimizer.backbone_lr_mult=1",
                 "optimizer.freeze_backbone_epochs=0",
                 f"schedule.total_steps={args.pretrain_steps}",
@@ -191,6 +192,7 @@ def main(argv=None) -> int:
             [
                 *common,
                 "model.backbone=mobilefacenet",
+                "model.embedding_size=512",
                 "optimizer.backbone_lr_mult=1",
                 "optimizer.freeze_backbone_epochs=0",
                 f"schedule.total_steps={args.steps}",

@@ -79,20 +79,6 @@ def add_verbose_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
-def split_script_args(argv: list[str]) -> tuple[list[str], bool]:
-    """``(argv, verbose)`` for a parser that takes ``--set`` one pair at a time and has no
-    ``--verbose`` (train.py's): ``--verbose`` taken out, ``--set a=1 b=2`` spread into
-    ``--set a=1 --set b=2``. Other arguments are kept in place."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--verbose", action="store_true")
-    add_set_option(pre)
-    known, rest = pre.parse_known_args(argv)
-    out = list(rest)
-    for pair in known.overrides:
-        out += ["--set", pair]
-    return out, known.verbose
-
-
 def quiet_tensorflow(verbose: bool = False) -> bool:
     """Make TensorFlow quiet for this process (see the module docstring); call it before
     TensorFlow is imported. Does nothing when ``verbose`` or when the environment already sets

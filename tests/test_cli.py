@@ -19,7 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from facerec_tf.cli import TF_LOG_LINE, split_script_args
+from facerec_tf.cli import TF_LOG_LINE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,13 +69,26 @@ def log_lines(r: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_set_takes_several_pairs_and_repeats():
-    argv, verbose = split_script_args(
-        ["--config", "quickstart", "--set", "a.b=1", "c.d=x y", "--verbose", "--set", "e.f=-3"]
+    from facerec_tf.training.run import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "--config",
+            "quickstart",
+            "--data",
+            "synthetic",
+            "--output",
+            "o",
+            "--set",
+            "a.b=1",
+            "c.d=x y",
+            "--verbose",
+            "--set",
+            "e.f=-3",
+        ]
     )
-    assert verbose
-    assert argv == [
-        "--config", "quickstart", "--set", "a.b=1", "--set", "c.d=x y", "--set", "e.f=-3"]  # fmt: skip
-    assert split_script_args(["--data", "x"]) == (["--data", "x"], False)
+    assert args.verbose
+    assert args.overrides == ["a.b=1", "c.d=x y", "e.f=-3"]
 
 
 def test_train_set_several_pairs_after_one_flag(tmp_path):

@@ -120,12 +120,12 @@ def test_head_only_phase_then_backbone_trains(tmp_path):
     head0 = [v.numpy().copy() for v in trainer.head.weights]
     trainer.iterator = trainer._make_iterator(0)
     for _ in range(2):
-        trainer._train_fn(trainer.iterator)
+        trainer._train_fn(trainer.iterator, tf.constant(0.0))
     assert trainer.step == 2
     for v, before in zip(trainer.backbone.weights, initial, strict=True):
         np.testing.assert_array_equal(v.numpy(), before, err_msg=v.path)
     assert any(not np.array_equal(v.numpy(), b) for v, b in zip(trainer.head.weights, head0))
-    trainer._train_fn(trainer.iterator)
+    trainer._train_fn(trainer.iterator, tf.constant(0.0))
     moved = [not np.array_equal(v.numpy(), b) for v, b in zip(trainer.backbone.weights, initial)]
     assert sum(moved) > len(moved) // 2
 
@@ -145,7 +145,7 @@ def test_backbone_lr_mult_scales_the_first_sgd_step_exactly(tmp_path):
         before = [v.numpy().copy() for v in trainer.backbone.trainable_variables]
         head = [v.numpy().copy() for v in trainer.head.trainable_variables]
         trainer.iterator = trainer._make_iterator(0)
-        trainer._train_fn(trainer.iterator)
+        trainer._train_fn(trainer.iterator, tf.constant(0.0))
         deltas[mult] = (
             [v.numpy() - b for v, b in zip(trainer.backbone.trainable_variables, before)],
             [v.numpy() - b for v, b in zip(trainer.head.trainable_variables, head)],

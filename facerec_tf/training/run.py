@@ -44,6 +44,7 @@ current step (relaunch with --resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from facerec_tf.cli import add_set_option, add_verbose_option
     from facerec_tf.config import list_presets
 
     p = argparse.ArgumentParser(
@@ -68,14 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set optimizer.weight_decay=1e-4 (repeatable)",
-    )
+    add_set_option(p)
     p.add_argument(
         "--max-steps",
         type=int,
@@ -89,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="split the CPU into N logical devices (to exercise --strategy mirrored on CPU)",
     )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_verbose_option(p)
     return p
 
 

@@ -429,12 +429,13 @@ class Trainer:
             "grad_norm": grad_norm,
         }
 
-    def _train_fn(self, iterator):
-        """Run one loop of ``steps_per_loop`` steps (head-only before ``freeze_steps``)."""
+    def _train_fn(self, iterator, stop):
+        """Run one loop of ``steps_per_loop`` steps (head-only before ``freeze_steps``);
+        ``stop``: this worker's SIGTERM flag, all-reduced with the step."""
         train_backbone = self.step >= self.freeze_steps
         if train_backbone not in self._train_fns:
             self._train_fns[train_backbone] = self._build_train_fn(train_backbone)
-        return self._train_fns[train_backbone](iterator)
+        return self._train_fns[train_backbone](iterator, stop)
 
     def _build_train_fn(self, train_backbone=True):
         import functools
