@@ -321,7 +321,6 @@ def _serving_embedding_fn(backbone, precision: str):
         if precision != "float32":
             raise ExportError(str(e)) from e
         return _embedding_fn(backbone)
-    graph.build()
     normalise_input = not _has_preprocessing(backbone)
 
     def embed(images):
@@ -337,9 +336,7 @@ def _serving_embedding_fn(backbone, precision: str):
 # SavedModel
 
 
-def export_saved_model(
-    backbone, path: str | os.PathLike, *, precision: str = "float32"
-) -> str:
+def export_saved_model(backbone, path: str | os.PathLike, *, precision: str = "float32") -> str:
     """Write ``backbone`` as a SavedModel at exactly ``path`` (atomically; replaces ``path``).
 
     Signatures ``serving_default`` (float32 ``images [N, H, W, 3]`` RGB in [0, 255]; a batch

@@ -188,6 +188,11 @@ class InferenceGraph:
                     "optimised export needs each layer called once"
                 )
         self._plan()
+        self._lowered = {}
+        for node in self._nodes:  # creates the folded variables, eagerly
+            op = node.operation
+            if op is not None and not node.is_input:
+                self._lowered[id(op)] = self._lower(op)
 
     # ------------------------------------------------------------------------------ planning
 
@@ -207,7 +212,9 @@ class InferenceGraph:
             src = _producer(bn.input)
             if (
                 src is not None
-                and (_is_plain_conv(src) or _is_depthwise(src) or _is_grouped(src) or _is_dense(src))
+                and (
+                    _is_plain_conv(src) or _is_depthwise(src) or _is_grouped(src) or _is_dense(src)
+                )
                 and self._only_consumer(src) is bn
                 and id(src) not in post
             ):
@@ -311,7 +318,7 @@ class InferenceGraph:
 
         return x if x.dtype == dtype else tf.cast(x, dtype)
 
-    def _lower(self, layer):  # noqa: C901 (one branch per layer type)
+    def _lower(self, layer):
         """A callable computing ``layer`` at inference with plain TF ops."""
         import keras
         import tensorflow as tf
@@ -420,7 +427,7 @@ class InferenceGraph:
                     return tf.maximum(x, x * a)
 
                 return prelu_max
-            
+
             def prelu(x, **_):
                 x = self._cast(x, cd)
                 return tf.where(x >= 0, x, x * a)
@@ -466,20 +473,10 @@ class InferenceGraph:
 
     # ------------------------------------------------------------------------------ running
 
-    def build(self) -> None:
-        """Create the folded variables (done once; call outside any tf.function)."""
-        if getattr(self, "_lowered", None) is None:
-            self._lowered = {}
-            for node in self._nodes:
-                op = node.operation
-                if op is not None and not node.is_input:
-                    self._lowered[id(op)] = self._lower(op)
-
     def __call__(self, images):
         """The float32 raw embedding of ``images`` (the model's input, float32)."""
         import tensorflow as tf
 
-        self.build()
         out = self.model._run_through_graph(
             [tf.convert_to_tensor(images, tf.float32)],
             operation_fn=lambda op: self._lowered[id(op)],
