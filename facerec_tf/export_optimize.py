@@ -120,7 +120,10 @@ def _is_dense(layer) -> bool:
 def _is_bn(layer) -> bool:
     import keras
 
-    if type(layer) is not keras.layers.BatchNormalization:
+    if not isinstance(layer, keras.layers.BatchNormalization) or _class_name(layer) not in (
+        "BatchNormalization",
+        "FusedBatchNormalization",
+    ):
         return False
     rank = len(layer.input.shape)
     return layer.axis in (-1, rank - 1)

@@ -30,7 +30,7 @@ def conv_initializer():
 
 
 def batch_norm(x, name, dtype=None, scale=True, axis=-1):
-    return keras.layers.BatchNormalization(
+    return FusedBatchNormalization(
         axis=axis,
         epsilon=BN_EPSILON,
         momentum=BN_MOMENTUM,
@@ -116,6 +116,57 @@ def preprocessing(x, name="preprocess", dtype=None):
     export (SavedModel, ONNX, .keras).
     """
     return keras.layers.Rescaling(1.0 / 128.0, offset=-127.5 / 128.0, name=name, dtype=dtype)(x)
+
+
+@keras.saving.register_keras_serializable(package="facerec_tf")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` whose training-mode pass on an NHWC image batch is
+    TensorFlow's fused kernel (one ``FusedBatchNormV3`` op and its gradient op).
+
+    Keras computes it with about ten elementwise ops forward and as many backward, in float32
+    even under ``mixed_bfloat16`` (plus the casts): about a third of a bf16 IResNet train step
+    on CPU. Same semantics: normalisation by the biased batch variance, moving statistics
+    updated with ``momentum`` from the biased variance. Inference, masks, renorm, synchronized
+    (cross-replica) statistics and other ranks or backends run Keras' own code.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if (
+            not (training and self.trainable)
+            or mask is not None
+            or self.renorm
+            or self.synchronized
+            or len(inputs.shape) != 4
+            or self.axis not in (-1, 3)
+            or keras.backend.backend() != "tensorflow"
+        ):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        channels = inputs.shape[-1]
+        x = inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, tf.float32)
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels])
+        empty = tf.constant([], tf.float32)
+        y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=gamma,
+            offset=beta,
+            mean=empty,
+            variance=empty,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        # The op returns the Bessel-corrected variance; Keras averages the biased one.
+        n = tf.cast(tf.reduce_prod(tf.shape(x)[:3]), tf.float32)
+        variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum)
+        )
+        return tf.cast(y, self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="facerec_tf")
