@@ -254,6 +254,7 @@ def main(argv=None):
         if torch_res:
             print(
                 f"\nPyTorch {torch_res['version']} twin ({torch_res['threads']} threads, eager, "
+                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
                 f"{torch_res['params']:,} parameters):"
             )
             for key, r in torch_res["rows"].items():

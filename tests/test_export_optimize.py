@@ -190,3 +190,15 @@ def test_unknown_precision_is_refused(model, tmp_path):
     ):
         export_saved_model(model, tmp_path / "sm", precision="float16")
     assert not (tmp_path / "sm").exists()
+
+
+def test_cli_precision_applies_to_saved_model_only(tmp_path, capsys):
+    from test_export import _load_cli
+
+    cli = _load_cli()
+    args = ["--model", str(tmp_path / "m.keras"), "--output", str(tmp_path / "o.onnx")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*args, "--format", "onnx", "--precision", "bfloat16"])
+    assert info.value.code == 2
+    assert "--precision applies to --format saved_model only" in capsys.readouterr().err
+    assert "--precision {float32,bfloat16}" in cli._parser().format_help()
