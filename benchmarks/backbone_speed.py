@@ -82,6 +82,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurements")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a per-op-type profile (TF profiler) of one mixed_bfloat16 train step",
+    )
+    parser.add_argument(
         "--torch-python",
         metavar="PYTHON",
         help="run the torch half with this interpreter (one that has torch) in a subprocess",
@@ -260,7 +265,40 @@ def benchmark_tf_bf16(args, images, labels, forward_flops, matmul_gflops):
     out["train_bf16"] = summarize(times, args.batch_size, train_flops, matmul_gflops)
     times = time_steps(lambda: infer(images).numpy(), args.steps, args.warmup)
     out["infer_bf16"] = summarize(times, args.batch_size, forward_flops, matmul_gflops)
+    if args.profile:
+        out["train_bf16_profile"] = profile_op_types(lambda: train_step(images, labels).numpy())
     return out
+
+
+def profile_op_types(step, top=14):
+    """Self time per TF op type of one ``step()`` (TF profiler's framework_op_stats)."""
+    import collections
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        step()
+        tf.profiler.experimental.stop()
+        files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        data, ok = plugin.xspace_to_tools_data(files, "framework_op_stats", {})
+    if not ok:
+        return {}
+    table = json.loads(data)[0]
+    cols = [c["id"] for c in table["cols"]]
+    self_us = collections.Counter()
+    for row in table["rows"]:
+        values = dict(zip(cols, [c.get("v") if c else None for c in row["c"]]))
+        if values["type"] != "IDLE":
+            self_us[values["type"]] += values["total_self_time"]
+    total = sum(self_us.values())
+    print(f"  per-op self time of one mixed_bfloat16 train step ({total / 1e3:.0f} ms busy):")
+    for op, us in self_us.most_common(top):
+        print(f"    {op:<36} {us / 1e3:8.1f} ms {100 * us / total:5.1f}%")
+    return {op: us / total for op, us in self_us.items()}
 
 
 # --------------------------------------------------------------------------- PyTorch
