@@ -26,7 +26,12 @@ normalise them internally, and so does the torch twin):
   below in PyTorch (insightface arcface_torch ``iresnet``) is timed the same way with
   ``torch.set_num_threads(2)`` (``--torch-threads``), NCHW, eager mode, and the TF/torch
   ratios are printed. torch is not a dependency of facerec_tf: without it the comparison is
-  skipped with a message.
+  skipped with a message; ``--torch-python PYTHON`` runs the torch half in a subprocess of
+  another interpreter (one with torch, without TensorFlow).
+* **bf16** (on a CPU with ``amx_bf16`` or ``avx512_bf16``; skipped elsewhere, and with
+  ``--no-bf16``): the same train step and inference under Keras' ``mixed_bfloat16`` policy
+  (loss in float32), a bf16 ``tf.matmul``, and torch under ``torch.autocast("cpu",
+  torch.bfloat16)`` in NCHW and in ``channels_last`` memory format.
 
 Each line also gives the share of the machine's CPU that *other* processes took during its
 timed steps (from ``/proc/stat``: a figure measured at "others 0%" is trustworthy, at 50% it is
@@ -48,6 +53,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -74,6 +80,18 @@ def parse_args(argv=None):
         help="set OMP_WAIT_POLICY=PASSIVE before importing torch: fairer torch figures on a "
         "busy machine (its OpenMP threads stop spin-waiting), a little slower on an idle one",
     )
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 measurements")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a per-op-type profile (TF profiler) of one mixed_bfloat16 train step",
+    )
+    parser.add_argument(
+        "--torch-python",
+        metavar="PYTHON",
+        help="run the torch half with this interpreter (one that has torch) in a subprocess",
+    )
+    parser.add_argument("--torch-worker", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--matmul-reps", type=int, default=10)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return parser.parse_args(argv)
@@ -137,11 +155,21 @@ def summarize(times, batch_size, flops_per_image=None, matmul_gflops=None):
 # --------------------------------------------------------------------------- TensorFlow
 
 
-def tf_matmul_gflops(reps, n=MATMUL_N):
+def bf16_flags() -> list[str]:
+    """The CPU's native bf16 flags (``amx_bf16``, ``avx512_bf16``) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def tf_matmul_gflops(reps, n=MATMUL_N, dtype="float32"):
     import tensorflow as tf
 
-    a = tf.random.normal((n, n), seed=1)
-    b = tf.random.normal((n, n), seed=2)
+    a = tf.cast(tf.random.normal((n, n), seed=1), dtype)
+    b = tf.cast(tf.random.normal((n, n), seed=2), dtype)
     matmul = tf.function(tf.matmul)
     times = time_steps(lambda: matmul(a, b).numpy(), reps, warmup=2)[0]
     return 2 * n**3 / statistics.median(times) / 1e9
@@ -195,7 +223,82 @@ def benchmark_tf(args, matmul_gflops):
         infer = make_infer(jit)
         times = time_steps(lambda f=infer: f(images).numpy(), args.steps, args.warmup)
         results[f"infer{suffix}"] = summarize(times, args.batch_size, forward_flops, matmul_gflops)
+    if args.bf16:
+        results.update(benchmark_tf_bf16(args, images, labels, forward_flops, matmul_gflops))
     return results
+
+
+def benchmark_tf_bf16(args, images, labels, forward_flops, matmul_gflops):
+    """Train step and inference under the ``mixed_bfloat16`` policy (loss in float32)."""
+    import keras
+    import tensorflow as tf
+
+    from facerec_tf.models import create_backbone
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = create_backbone(args.model)
+        classifier = keras.layers.Dense(NUM_CLASSES, name="classifier")
+        classifier.build((None, model.output.shape[-1]))
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    variables = model.trainable_variables + classifier.trainable_variables
+    optimizer = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
+    optimizer.build(variables)
+
+    @tf.function
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(classifier(model(x, training=True)), tf.float32)
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            )
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    infer = tf.function(lambda x: model(x, training=False))
+    out = {}
+    times = time_steps(lambda: train_step(images, labels).numpy(), args.steps, args.warmup)
+    train_flops = TRAIN_FLOPS_FACTOR * forward_flops
+    out["train_bf16"] = summarize(times, args.batch_size, train_flops, matmul_gflops)
+    times = time_steps(lambda: infer(images).numpy(), args.steps, args.warmup)
+    out["infer_bf16"] = summarize(times, args.batch_size, forward_flops, matmul_gflops)
+    if args.profile:
+        out["train_bf16_profile"] = profile_op_types(lambda: train_step(images, labels).numpy())
+    return out
+
+
+def profile_op_types(step, top=14):
+    """Self time per TF op type of one ``step()`` (TF profiler's framework_op_stats)."""
+    import collections
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        step()
+        tf.profiler.experimental.stop()
+        files = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        data, ok = plugin.xspace_to_tools_data(files, "framework_op_stats", {})
+    if not ok:
+        return {}
+    table = json.loads(data)[0]
+    cols = [c["id"] for c in table["cols"]]
+    self_us = collections.Counter()
+    for row in table["rows"]:
+        values = dict(zip(cols, [c.get("v") if c else None for c in row["c"]]))
+        if values["type"] != "IDLE":
+            self_us[values["type"]] += values["total_self_time"]
+    total = sum(self_us.values())
+    print(f"  per-op self time of one mixed_bfloat16 train step ({total / 1e3:.0f} ms busy):")
+    for op, us in self_us.most_common(top):
+        print(f"    {op:<36} {us / 1e3:8.1f} ms {100 * us / total:5.1f}%")
+    return {op: us / total for op, us in self_us.items()}
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -277,27 +380,22 @@ def build_torch_iresnet(layers=(3, 4, 14, 3), embedding_size=512, image_size=112
     return IResNet()
 
 
-def torch_matmul_gflops(reps, n=MATMUL_N):
+def torch_matmul_gflops(reps, n=MATMUL_N, dtype=None):
     import torch
 
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     times = time_steps(lambda: torch.matmul(a, b), reps, warmup=2)[0]
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def benchmark_torch(args, forward_flops, matmul_gflops):
+def benchmark_torch(args, forward_flops, matmul_gflops, layers):
     import torch
     import torch.nn.functional as F
 
-    from facerec_tf.models import IRESNET_STAGES
-
     torch.set_num_threads(args.torch_threads)
-    depth = re.fullmatch(r"iresnet(\d+)", args.model)
-    if not depth or int(depth[1]) not in IRESNET_STAGES:
-        return {"skipped": f"no torch twin for {args.model!r} (iresnet<depth> only)"}
     torch.manual_seed(0)
-    model = build_torch_iresnet(IRESNET_STAGES[int(depth[1])])
+    model = build_torch_iresnet(tuple(layers))
     params = sum(p.numel() for p in model.parameters())
     classifier = torch.nn.Linear(512, NUM_CLASSES)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -331,6 +429,36 @@ def benchmark_torch(args, forward_flops, matmul_gflops):
     model.eval()
     times = time_steps(infer, args.steps, args.warmup)
     results["infer"] = summarize(times, args.batch_size, forward_flops, matmul_gflops)
+    if not args.bf16:
+        return results
+    results["matmul_bf16_gflop_per_s"] = torch_matmul_gflops(args.matmul_reps, dtype=torch.bfloat16)
+    for suffix, memory_format in (("", torch.contiguous_format), ("_cl", torch.channels_last)):
+        model.to(memory_format=memory_format)
+        x = images.contiguous(memory_format=memory_format)
+
+        def train_bf16(x=x):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", torch.bfloat16):
+                loss = F.cross_entropy(classifier(model(x)).float(), labels)
+            loss.backward()
+            optimizer.step()
+            return loss.item()
+
+        def infer_bf16(x=x):
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+                return model(x).float().sum().item()
+
+        model.train()
+        times = time_steps(train_bf16, args.steps, args.warmup)
+        results[f"train_bf16{suffix}"] = summarize(
+            times, args.batch_size, train_flops, matmul_gflops
+        )
+        model.eval()
+        times = time_steps(infer_bf16, args.steps, args.warmup)
+        results[f"infer_bf16{suffix}"] = summarize(
+            times, args.batch_size, forward_flops, matmul_gflops
+        )
+    model.to(memory_format=torch.contiguous_format)
     return results
 
 
@@ -399,17 +527,36 @@ def run_torch(args, tf_res, matmul):
         return None
     if args.omp_passive:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read when torch loads libgomp
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        print("\nPyTorch comparison skipped: torch is not installed")
+    from facerec_tf.models import IRESNET_STAGES
+
+    depth = re.fullmatch(r"iresnet(\d+)", args.model)
+    if not depth or int(depth[1]) not in IRESNET_STAGES:
+        print(
+            f"\nPyTorch comparison skipped: no torch twin for {args.model!r} (iresnet<depth> only)"
+        )
         return None
+    layers = IRESNET_STAGES[int(depth[1])]
     start = time.perf_counter()
     fwd = tf_res["forward_gflops_per_image"] * 1e9
-    torch_res = benchmark_torch(args, fwd, matmul)
-    if "skipped" in torch_res:
-        print(f"\nPyTorch comparison skipped: {torch_res['skipped']}")
-        return None
+    if args.torch_python:
+        spec = {"args": {k: v for k, v in vars(args).items()}, "fwd": fwd, "matmul": matmul}
+        spec["layers"] = list(layers)
+        cmd = [args.torch_python, os.path.abspath(__file__), "--torch-worker", json.dumps(spec)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 3:
+            print(f"\nPyTorch comparison skipped: torch is not importable by {args.torch_python}")
+            return None
+        if proc.returncode:
+            print(f"\nPyTorch comparison failed: {proc.stderr.strip().splitlines()[-1:]}")
+            return None
+        torch_res = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("\nPyTorch comparison skipped: torch is not installed (see --torch-python)")
+            return None
+        torch_res = benchmark_torch(args, fwd, matmul, layers)
     expected = tf_res["params"]["total"]
     ok = torch_res["params"] == expected
     if args.model == "iresnet50":
@@ -423,11 +570,37 @@ def run_torch(args, tf_res, matmul):
     print(f"  fp32 {MATMUL_N}^3 torch.matmul: {torch_res['matmul_gflop_per_s']:.1f} GFLOP/s")
     print(fmt("train", torch_res["train"]))
     print(fmt("infer", torch_res["infer"]))
+    if "matmul_bf16_gflop_per_s" in torch_res:
+        print(
+            f"  bf16 {MATMUL_N}^3 torch.matmul: {torch_res['matmul_bf16_gflop_per_s']:.1f} GFLOP/s"
+        )
+        for key, label in [
+            ("train_bf16", "train bf16 NCHW"),
+            ("train_bf16_cl", "train bf16 ch_last"),
+            ("infer_bf16", "infer bf16 NCHW"),
+            ("infer_bf16_cl", "infer bf16 ch_last"),
+        ]:
+            print(fmt(label, torch_res[key]))
     return torch_res
+
+
+def torch_worker(spec):
+    """The torch half in a torch-only interpreter (``--torch-python``): prints JSON."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        sys.exit(3)
+    args = argparse.Namespace(**spec["args"])
+    if args.omp_passive:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    print(json.dumps(benchmark_torch(args, spec["fwd"], spec["matmul"], spec["layers"])))
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.torch_worker:
+        return torch_worker(json.loads(args.torch_worker))
+    args.bf16 = bool(bf16_flags()) and not args.no_bf16
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -443,6 +616,15 @@ def main(argv=None):
     matmul = tf_matmul_gflops(args.matmul_reps)
     results["tf_matmul_gflop_per_s"] = matmul
     print(f"\nfp32 {MATMUL_N}^3 tf.matmul: {matmul:.1f} GFLOP/s (median of {args.matmul_reps})")
+    if args.bf16:
+        results["tf_matmul_bf16_gflop_per_s"] = m16 = tf_matmul_gflops(
+            args.matmul_reps, dtype="bfloat16"
+        )
+        print(f"bf16 {MATMUL_N}^3 tf.matmul: {m16:.1f} GFLOP/s (CPU bf16 flags {bf16_flags()})")
+    elif args.no_bf16:
+        print("bf16 skipped (--no-bf16)")
+    else:
+        print("bf16 UNSUPPORTED on this CPU (no amx_bf16 / avx512_bf16): bf16 rows skipped")
     sys.stdout.flush()
 
     start = time.perf_counter()
@@ -457,6 +639,8 @@ def main(argv=None):
         ("train_xla", "train (jit_compile)"),
         ("infer", "infer (tf.function)"),
         ("infer_xla", "infer (jit_compile)"),
+        ("train_bf16", "train mixed_bfloat16"),
+        ("infer_bf16", "infer mixed_bfloat16"),
     ]:
         if key in tf_res:
             print(fmt(label, tf_res[key]))
@@ -474,6 +658,15 @@ def main(argv=None):
                 f"{ratios[f'{key}_fastest_steps']:.2f} x (fastest steps), "
                 f"{ratios[f'{key}_best']:.2f} x (faster TF: {ratios[f'{key}_best_variant']})"
             )
+        for key in ("train", "infer"):
+            for suffix, layout in (("", "NCHW"), ("_cl", "channels_last")):
+                if f"{key}_bf16" in tf_res and f"{key}_bf16{suffix}" in torch_res:
+                    r = (
+                        tf_res[f"{key}_bf16"]["img_per_s"]
+                        / torch_res[f"{key}_bf16{suffix}"]["img_per_s"]
+                    )
+                    ratios[f"{key}_bf16_vs_torch{suffix}"] = r
+                    print(f"  {key} bf16: {r:.2f} x torch bf16 {layout}")
 
     results["load_average_end"] = os.getloadavg()[0]
     print(f"\nload average at end {results['load_average_end']:.2f}")

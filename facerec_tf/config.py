@@ -152,6 +152,7 @@ class RuntimeConfig:
     verify_every: int = 2000
     steps_per_loop: int = 1  # steps inside one tf.function call
     export: bool = True  # write OUTPUT/export (backbone.keras + SavedModel) at the end
+    export_precision: str = "float32"  # float32, bfloat16: the final SavedModel's compute dtype
 
 
 @dataclass
@@ -501,6 +502,7 @@ CHOICES = {
     "optimizer.weight_decay_mode": ("coupled", "decoupled"),
     "schedule.name": ("polynomial", "step", "cosine", "constant"),
     "runtime.precision": ("auto", "fp32", "mixed_float16", "mixed_bfloat16"),
+    "runtime.export_precision": ("float32", "bfloat16"),
     "loss.triplet_mining": ("batch_hard", "semi_hard", "all"),
     "loss.triplet_distance": ("squared_euclidean", "euclidean", "angular"),
     "loss.distill_kind": ("l2", "angular"),

@@ -31,6 +31,10 @@ examples:
   python tools/export.py --model runs/r50_ms1mv3/best/backbone.keras --output r50_sm \\
       --format saved_model
 
+  # the same computing in bfloat16 (float32 in and out; fast on CPUs with AVX512-BF16/AMX)
+  python tools/export.py --model runs/r50_ms1mv3 --output r50_sm_bf16 --format saved_model \\
+      --precision bfloat16
+
   # ONNX, NHWC float RGB 0..255 in, L2-normalised embedding out (dynamic batch, opset 15)
   python tools/export.py --model runs/r50_ms1mv3 --output r50.onnx --format onnx
 
@@ -110,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="saved_model with --model-name/--version: replace an existing version folder",
     )
+    p.add_argument(
+        "--precision",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="saved_model only: compute precision of the backbone (default float32; input "
+        "and output stay float32)",
+    )
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     p.add_argument("--verbose", action="store_true", help="also show TensorFlow's own log lines")
     return p
@@ -123,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--insightface-onnx and --opset apply to --format onnx only")
     if args.format != "saved_model" and (args.version is not None or args.overwrite):
         parser.error("--version and --overwrite apply to --format saved_model only")
+    if args.format != "saved_model" and args.precision is not None:
+        parser.error("--precision applies to --format saved_model only")
 
     try:
         import facerec_tf  # noqa: F401
@@ -141,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.model_name is not None or args.version is not None:
                 options.update(model_name=args.model_name, version=args.version)
                 options["overwrite"] = args.overwrite
+            if args.precision is not None:
+                options["precision"] = args.precision
         elif args.model_name is not None:
             options["model_name"] = args.model_name
         if args.format == "onnx":

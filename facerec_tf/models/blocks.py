@@ -47,6 +47,12 @@ class BatchNormalization(keras.layers.BatchNormalization):
     replica context), the number of unmasked values with a mask. Statistics are float32 under
     mixed precision. ``renorm`` is not supported.
 
+    On an NHWC image batch (no mask, not synchronized) the training pass is TensorFlow's fused
+    kernel, one ``FusedBatchNormV3`` op and its gradient op, which returns the unbiased
+    variance itself: Keras' own code is about ten elementwise ops each way, in float32 even
+    under ``mixed_bfloat16`` (a third of a bf16 IResNet train step on CPU). Same outputs and
+    gradients to float32 rounding.
+
     The class keeps Keras' name on purpose: a ``.keras`` file stores a layer's weights under
     the snake-cased class name (``layers/batch_normalization_7``), so files written with
     Keras' layer load into this one (and back); the weights, their names and order are
@@ -71,22 +77,49 @@ class BatchNormalization(keras.layers.BatchNormalization):
                 count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
         return count
 
+    def _update_moving(self, mean, unbiased):
+        momentum = self.momentum
+        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+        self.moving_variance.assign(self.moving_variance * momentum + unbiased * (1.0 - momentum))
+
+    def _fused_call(self, inputs):
+        channels = inputs.shape[-1]
+        x = inputs if inputs.dtype in (tf.float32, tf.bfloat16) else tf.cast(inputs, tf.float32)
+        gamma = tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels])
+        beta = tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels])
+        empty = tf.constant([], tf.float32)
+        y, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=x,
+            scale=gamma,
+            offset=beta,
+            mean=empty,
+            variance=empty,
+            epsilon=self.epsilon,
+            exponential_avg_factor=1.0,
+            data_format="NHWC",
+            is_training=True,
+        )
+        self._update_moving(mean, unbiased)  # the op's variance is Bessel-corrected
+        return tf.cast(y, self.compute_dtype)
+
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
         if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
             return super().call(inputs, training=training, mask=mask)  # Keras' error
+        if (
+            mask is None
+            and not self.synchronized
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and keras.backend.backend() == "tensorflow"
+        ):
+            return self._fused_call(inputs)
         x = tf.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
         mean, variance = self._moments(x, mask)
         count = self._count(x, mask)
         unbiased = variance * (count / tf.maximum(count - 1.0, 1.0))
-        momentum = self.momentum
-        self.moving_mean.assign(
-            tf.cast(self.moving_mean, x.dtype) * momentum + mean * (1.0 - momentum)
-        )
-        self.moving_variance.assign(
-            tf.cast(self.moving_variance, x.dtype) * momentum + unbiased * (1.0 - momentum)
-        )
+        self._update_moving(tf.cast(mean, tf.float32), tf.cast(unbiased, tf.float32))
         gamma = tf.cast(self.gamma, x.dtype) if self.scale else None
         beta = tf.cast(self.beta, x.dtype) if self.center else None
         outputs = keras.ops.batch_normalization(

@@ -853,7 +853,12 @@ class Trainer:
 
         folder = os.path.join(self.output_dir, "export")
         self._save_backbone(os.path.join(folder, "backbone.keras"))
-        export_for_serving(self.backbone, os.path.join(folder, "saved_model"), overwrite=True)
+        export_for_serving(
+            self.backbone,
+            os.path.join(folder, "saved_model"),
+            overwrite=True,
+            precision=self.config.runtime.export_precision,
+        )
         if self.objective is not None and self.objective.uncertainty is not None:
             # images -> [embedding, log sigma^2], for evaluate.py --pfe
             export_keras(self._pfe_model(), os.path.join(folder, "pfe.keras"))
