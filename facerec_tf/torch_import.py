@@ -435,7 +435,8 @@ def _infer(state: dict, path: str) -> tuple[str, dict]:
                 raise TorchCheckpointError(
                     f"has {reduced} channels", path=path, key=se_key, expected="64 / ratio"
                 )
-            kwargs.update(se=True, se_ratio=64 // reduced, name=f"ir_se{depth}")
+            kwargs.update(se=True, se_ratio=64 // reduced)
+            return f"ir_se{depth}", kwargs
         return f"iresnet{depth}", kwargs
     if "layers.0.layers.0.weight" in state and "conv_sep.layers.0.weight" in state:
         c64 = _shape(state, "layers.0.layers.0.weight", path, 4)[0]
@@ -661,16 +662,19 @@ def load_arcface_torch_pth(path: str | os.PathLike, backbone=None):
     state = read_torch_checkpoint(path)
     name, kwargs = _infer(state, path)
     if backbone is None:
-        from facerec_tf.models import create_backbone
+        from facerec_tf.models import IResNetBackbone, create_backbone, list_backbones
 
-        backbone = create_backbone(name, include_preprocessing=True, **kwargs)
+        if name in list_backbones():
+            backbone = create_backbone(name, include_preprocessing=True, **kwargs)
+        else:  # an IR-SE depth without a registry row (ir_se10, ir_se18...)
+            backbone = IResNetBackbone(name=name, include_preprocessing=True, **kwargs)
     try:
         backbone.get_layer("preprocess")
         stem_scale = STEM_RESCALE
     except ValueError:
         stem_scale = 1.0
     plan = _Plan(state, backbone, path, stem_scale)
-    if name.startswith("iresnet"):
+    if name.startswith(("iresnet", "ir_se")):
         units = tuple(_count(state, rf"layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
         _map_iresnet(plan, units, se=bool(kwargs.get("se")))
     else:

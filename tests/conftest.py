@@ -7,6 +7,7 @@ Set ``FACEREC_SHARED_DATA`` to point somewhere else.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pathlib
 import subprocess
@@ -62,7 +63,7 @@ def torch_python() -> str:
 def torch_fixture(tmp_path_factory):
     """Factory ``torch_fixture(arch, embedding=512, onnx=True)`` -> dict of paths.
 
-    Runs ``tests/torch_twin.py --arch ARCH`` once per argument set and session (a few SGD steps
+    Runs ``tests/torch_twin.py --arch ARCH`` once per argument set and run (a few SGD steps
     on the real probe faces of ``../shared/data/arcface_torch`` when present, else on random
     images) and returns ``{"pth", "onnx", "probe", "eval", "train", "json"}``. Skips with a
     reason when that Python cannot import torch.
@@ -76,31 +77,36 @@ def torch_fixture(tmp_path_factory):
             f"torch is not importable by {python} (install the test extra `.[torch-tests]` "
             "or set FACEREC_TORCH_PYTHON): " + (probe.stderr.strip().splitlines() or [""])[-1]
         )
-    cache: dict[tuple, dict[str, pathlib.Path]] = {}
+    # one folder per argument set, shared by the pytest-xdist workers of this run
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
     faces = SHARED_DATA / "arcface_torch" / "probe_faces.npy"
 
     def make(arch: str, embedding: int = 512, onnx: bool = True) -> dict[str, pathlib.Path]:
-        key = (arch, embedding, onnx)
-        if key not in cache:
-            out = tmp_path_factory.mktemp(f"torch_{arch}")
-            cmd = [python, str(TORCH_TWIN), "--arch", arch, "--out", str(out)]
-            cmd += ["--embedding", str(embedding)]
-            cmd += [] if onnx else ["--no-onnx"]
-            cmd += ["--faces", str(faces)] if faces.exists() else []
-            run = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if run.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stdout}\n{run.stderr}")
-            stem = out / arch
-            paths = {
-                "pth": stem.with_suffix(".pth"),
-                "json": stem.with_suffix(".json"),
-                "probe": out / f"{arch}_probe.npy",
-                "eval": out / f"{arch}_eval.npy",
-                "train": out / f"{arch}_train.npy",
-            }
-            if onnx:
-                paths["onnx"] = stem.with_suffix(".onnx")
-            cache[key] = paths
-        return cache[key]
+        out = base / f"torch_{arch}_e{embedding}{'_onnx' if onnx else ''}"
+        out.mkdir(parents=True, exist_ok=True)
+        stem = out / arch
+        paths = {
+            "pth": stem.with_suffix(".pth"),
+            "json": stem.with_suffix(".json"),
+            "probe": out / f"{arch}_probe.npy",
+            "eval": out / f"{arch}_eval.npy",
+            "train": out / f"{arch}_train.npy",
+        }
+        if onnx:
+            paths["onnx"] = stem.with_suffix(".onnx")
+        with open(out / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # the other worker may be writing it
+            if not (out / "done").exists():
+                cmd = [python, str(TORCH_TWIN), "--arch", arch, "--out", str(out)]
+                cmd += ["--embedding", str(embedding), "--threads", "1"]
+                cmd += [] if onnx else ["--no-onnx"]
+                cmd += ["--faces", str(faces)] if faces.exists() else []
+                run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if run.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{run.stdout}\n{run.stderr}")
+                (out / "done").touch()
+        return paths
 
     return make
