@@ -66,7 +66,12 @@ import numpy as np
 
 from facerec_tf.errors import DataFormatError
 
-__all__ = ["TorchCheckpointError", "load_arcface_torch_pth", "read_torch_checkpoint"]
+__all__ = [
+    "TorchCheckpointError",
+    "keras_values",
+    "load_arcface_torch_pth",
+    "read_torch_checkpoint",
+]
 
 # arcface_torch feeds the stem (x - 127.5) / 127.5; our preprocess layer gives (x - 127.5) / 128.
 STEM_RESCALE = 128.0 / 127.5
@@ -477,13 +482,15 @@ def _infer(state: dict, path: str) -> tuple[str, dict]:
 class _Plan:
     """Collects (torch key -> Keras variable) assignments and checks them all."""
 
-    def __init__(self, state: dict, model, path: str, stem_scale: float) -> None:
+    def __init__(self, state: dict, model, path: str, stem_scale: float, assign: bool) -> None:
         self.state = state
         self.model = model
         self.path = path
         self.stem_scale = stem_scale
+        self.assign = assign
         self.used: set[str] = set()
         self.assigned: set[int] = set()
+        self.values: dict[str, np.ndarray] = {}  # Keras variable path -> value
 
     def layer(self, name: str, key: str):
         try:
@@ -517,7 +524,10 @@ class _Plan:
         return value.astype(np.float32)
 
     def set(self, variable, value: np.ndarray) -> None:
-        variable.assign(value.reshape(tuple(variable.shape)))
+        value = value.reshape(tuple(variable.shape))
+        if self.assign:
+            variable.assign(value)
+        self.values[variable.path] = value
         self.assigned.add(id(variable))
 
     def conv(self, key: str, name: str, scale: float = 1.0) -> None:
@@ -668,16 +678,36 @@ def load_arcface_torch_pth(path: str | os.PathLike, backbone=None):
             backbone = create_backbone(name, include_preprocessing=True, **kwargs)
         else:  # an IR-SE depth without a registry row (ir_se10, ir_se18...)
             backbone = IResNetBackbone(name=name, include_preprocessing=True, **kwargs)
-    try:
-        backbone.get_layer("preprocess")
-        stem_scale = STEM_RESCALE
-    except ValueError:
-        stem_scale = 1.0
-    plan = _Plan(state, backbone, path, stem_scale)
+    _run_plan(state, backbone, path, None, assign=True)
+    return backbone
+
+
+def _run_plan(state, backbone, path, stem_scale, assign) -> dict[str, np.ndarray]:
+    name, kwargs = _infer(state, path)
+    if stem_scale is None:
+        try:
+            backbone.get_layer("preprocess")
+            stem_scale = STEM_RESCALE
+        except ValueError:
+            stem_scale = 1.0
+    plan = _Plan(state, backbone, path, stem_scale, assign)
     if name.startswith(("iresnet", "ir_se")):
         units = tuple(_count(state, rf"layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
         _map_iresnet(plan, units, se=bool(kwargs.get("se")))
     else:
         _map_mobilefacenet(plan, kwargs["stage_units"])
     plan.finish()
-    return backbone
+    return plan.values
+
+
+def keras_values(
+    state: dict[str, np.ndarray], backbone, stem_scale: float | None = None
+) -> dict[str, np.ndarray]:
+    """The values :func:`load_arcface_torch_pth` would give ``backbone``'s variables, by
+    Keras variable path, without assigning them (same checks and errors).
+
+    Also maps anything laid out like a state dict, e.g. torch's gradients (fill the keys that
+    have none with zeros). ``stem_scale`` overrides the stem factor (``128 / 127.5`` with a
+    preprocess layer, else 1); a gradient scales by its inverse.
+    """
+    return _run_plan(state, backbone, "<state dict>", stem_scale, assign=False)
