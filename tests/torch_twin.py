@@ -31,8 +31,8 @@ BatchNorm statistics move off their initial values, then writes into ``DIR``:
 * ``ARCH.json``: what was built.
 
 With ``--reference SPEC.npz --pth ARCH.pth`` it instead loads that state dict, runs a float64
-training run (:func:`reference_run`) and writes ``ARCH_reference.npz`` (losses, outputs and
-step-1 gradients) for ``benchmarks/parity_arcface_torch.py``.
+training run (:func:`reference_run`) and writes ``ARCH_reference_SPEC.npz`` (losses, outputs and
+step-1 gradients; ``SPEC`` is the spec file's name) for ``benchmarks/parity_arcface_torch.py``.
 
 Faces: ``--faces`` is a uint8 ``[N, 112, 112, 3]`` array (N >= 8; the steps train on all of
 them, the first 8 are the probe); without it, smooth random images drawn from ``--seed``.
@@ -298,17 +298,19 @@ def reference_run(net: nn.Module, spec_path: str, out_path: str) -> dict:
     """A float64 training run for gradient comparisons (``--reference``).
 
     ``spec_path`` is a ``.npz`` with ``faces`` (uint8 NHWC), ``labels`` (int), ``classifier``
-    (``[E, C]``, fixed), ``lr``, ``momentum``, ``weight_decay`` and ``steps``. The loss is the
+    (``[E, C]``, fixed), ``lr``, ``momentum``, ``weight_decay``, ``steps`` and optionally
+    ``float32`` (true: run in float32 instead, to measure float32 rounding). The loss is the
     mean softmax cross-entropy of ``embedding @ classifier`` in train mode; SGD as torch's.
     Writes ``losses`` (one per step, before its update), ``eval`` and ``train`` (outputs of
     the starting weights) and ``grad/NAME`` (step-1 gradient of every parameter) to
     ``out_path``.
     """
     spec = np.load(spec_path)
-    net = net.double()
-    x = to_torch(spec["faces"], torch.float64)
+    dtype = torch.float32 if "float32" in spec.files and bool(spec["float32"]) else torch.float64
+    net = net.to(dtype)
+    x = to_torch(spec["faces"], dtype)
     y = torch.from_numpy(spec["labels"].astype(np.int64))
-    w = torch.from_numpy(spec["classifier"].astype(np.float64))
+    w = torch.from_numpy(spec["classifier"]).to(dtype)
     with torch.no_grad():
         train_out = copy.deepcopy(net).train()(x).numpy()
         eval_out = copy.deepcopy(net).eval()(x).numpy()
@@ -353,7 +355,7 @@ def main(argv=None) -> int:
         "--reference",
         metavar="SPEC.npz",
         help="instead of training and saving: a float64 run from --pth (see reference_run), "
-        "written to OUT/ARCH_reference.npz",
+        "written to OUT/ARCH_reference_SPEC.npz",
     )
     args = ap.parse_args(argv)
     if args.reference:
@@ -363,7 +365,8 @@ def main(argv=None) -> int:
         net, _ = build(args.arch, args.embedding)
         net.load_state_dict(torch.load(args.pth, weights_only=True))
         os.makedirs(args.out, exist_ok=True)
-        out = os.path.join(args.out, f"{args.arch}_reference.npz")
+        spec_name = os.path.splitext(os.path.basename(args.reference))[0]
+        out = os.path.join(args.out, f"{args.arch}_reference_{spec_name}.npz")
         print(json.dumps(reference_run(net, args.reference, out)))
         return 0
 
