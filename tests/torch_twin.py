@@ -15,6 +15,7 @@ Command line::
 
     python tests/torch_twin.py --arch iresnet10 --out DIR [--steps 3] [--seed 0] [--embedding 512]
         [--faces FACES.npy] [--no-onnx] [--float64]
+    python tests/torch_twin.py --arch iresnet18 --out DIR --pth ARCH.pth --reference SPEC.npz
 
 builds the network (seeded), takes ``--steps`` SGD steps (lr 0.1, momentum 0.9, weight decay
 5e-4, cross-entropy through a linear classifier) on the training faces so that weights and
@@ -28,6 +29,10 @@ BatchNorm statistics move off their initial values, then writes into ``DIR``:
   in train mode (BatchNorm batch statistics of the 8 probe faces), input
   ``(rgb - 127.5) / 127.5`` NCHW;
 * ``ARCH.json``: what was built.
+
+With ``--reference SPEC.npz --pth ARCH.pth`` it instead loads that state dict, runs a float64
+training run (:func:`reference_run`) and writes ``ARCH_reference_SPEC.npz`` (losses, outputs and
+step-1 gradients; ``SPEC`` is the spec file's name) for ``benchmarks/parity_arcface_torch.py``.
 
 Faces: ``--faces`` is a uint8 ``[N, 112, 112, 3]`` array (N >= 8; the steps train on all of
 them, the first 8 are the probe); without it, smooth random images drawn from ``--seed``.
@@ -289,6 +294,50 @@ def random_faces(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(big, 0, 255).astype(np.uint8)
 
 
+def reference_run(net: nn.Module, spec_path: str, out_path: str) -> dict:
+    """A float64 training run for gradient comparisons (``--reference``).
+
+    ``spec_path`` is a ``.npz`` with ``faces`` (uint8 NHWC), ``labels`` (int), ``classifier``
+    (``[E, C]``, fixed), ``lr``, ``momentum``, ``weight_decay``, ``steps`` and optionally
+    ``float32`` (true: run in float32 instead, to measure float32 rounding). The loss is the
+    mean softmax cross-entropy of ``embedding @ classifier`` in train mode; SGD as torch's.
+    Writes ``losses`` (one per step, before its update), ``eval`` and ``train`` (outputs of
+    the starting weights) and ``grad/NAME`` (step-1 gradient of every parameter) to
+    ``out_path``.
+    """
+    spec = np.load(spec_path)
+    dtype = torch.float32 if "float32" in spec.files and bool(spec["float32"]) else torch.float64
+    net = net.to(dtype)
+    x = to_torch(spec["faces"], dtype)
+    y = torch.from_numpy(spec["labels"].astype(np.int64))
+    w = torch.from_numpy(spec["classifier"]).to(dtype)
+    with torch.no_grad():
+        train_out = copy.deepcopy(net).train()(x).numpy()
+        eval_out = copy.deepcopy(net).eval()(x).numpy()
+    opt = torch.optim.SGD(
+        [p for p in net.parameters() if p.requires_grad],
+        lr=float(spec["lr"]),
+        momentum=float(spec["momentum"]),
+        weight_decay=float(spec["weight_decay"]),
+    )
+    net.train()
+    losses, grads = [], {}
+    for step in range(int(spec["steps"])):
+        loss = nn.functional.cross_entropy(net(x) @ w, y)
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            grads = {
+                f"grad/{name}": p.grad.numpy().copy()
+                for name, p in net.named_parameters()
+                if p.grad is not None
+            }
+        opt.step()
+        losses.append(loss.item())
+    np.savez(out_path, losses=np.array(losses), eval=eval_out, train=train_out, **grads)
+    return {"losses": losses, "reference": out_path}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", required=True, help="iresnet10..200, ir_se10..200, mbf, mbf_large...")
@@ -301,7 +350,25 @@ def main(argv=None) -> int:
     ap.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX export")
     ap.add_argument("--float64", action="store_true", help="build and run in float64")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pth", help="with --reference: the state dict to start from")
+    ap.add_argument(
+        "--reference",
+        metavar="SPEC.npz",
+        help="instead of training and saving: a float64 run from --pth (see reference_run), "
+        "written to OUT/ARCH_reference_SPEC.npz",
+    )
     args = ap.parse_args(argv)
+    if args.reference:
+        if not args.pth:
+            raise SystemExit("--reference needs --pth")
+        torch.set_num_threads(args.threads)
+        net, _ = build(args.arch, args.embedding)
+        net.load_state_dict(torch.load(args.pth, weights_only=True))
+        os.makedirs(args.out, exist_ok=True)
+        spec_name = os.path.splitext(os.path.basename(args.reference))[0]
+        out = os.path.join(args.out, f"{args.arch}_reference_{spec_name}.npz")
+        print(json.dumps(reference_run(net, args.reference, out)))
+        return 0
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
