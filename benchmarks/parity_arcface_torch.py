@@ -14,13 +14,17 @@ arcface_torch's ``iresnet`` / ``mobilefacenet`` with the same state-dict names).
 1. **forward**: the twin takes ``--train-steps`` SGD steps on the faces (so weights and
    BatchNorm statistics are off their initial values), saves ``.pth`` and an eval-mode ONNX
    export; we import the ``.pth`` (:func:`facerec_tf.torch_import.load_arcface_torch_pth`) and
-   the ONNX (:func:`facerec_tf.onnx_import.load_insightface_onnx`, IResNets only) and print
+   the ONNX (:func:`facerec_tf.onnx_import.load_insightface_onnx`) and print
    max |ours - torch| / max |torch| of the embeddings in eval mode and in train mode (batch
    statistics).
 2. **gradients**: from that ``.pth``, torch runs in **float64** (``--reference`` mode of the
-   twin) and we in float32 (backbone without its preprocess layer, fed torch's
-   ``(x - 127.5) / 127.5`` so both parametrisations are identical); the loss is the softmax
-   cross-entropy of ``embedding @ W`` for a fixed random ``W`` (``--margin-gradient none``).
+   twin) and we in float32 (backbone without its preprocess layer, stem copied unscaled and
+   fed torch's ``(x - 127.5) / 127.5``, so both parametrisations are identical). Loss heads
+   (``--margin-gradient``, all three by default): ``none``, the softmax cross-entropy of
+   ``embedding @ W`` for a fixed random ``W``; ``exact``, our ArcFace head (s 64, m 0.5, the
+   columns of ``W`` as centres) with ``head.margin_gradient=exact`` against full-gradient
+   ArcFace in torch; ``arcface_torch``, ours with ``head.margin_gradient=arcface_torch``
+   against arcface_torch's ``CombinedMarginLoss`` (margin in place under ``no_grad``).
    Per layer: ||g_ours - g_torch|| / ||g_torch|| of the step-1 gradient, mapped onto our
    layout by :func:`facerec_tf.torch_import.keras_values`.
 3. **steps**: the loss of each of ``--steps`` SGD steps (lr, momentum 0.9, coupled weight
@@ -34,9 +38,8 @@ shows that the mapping itself is exact.
 Faces: ORL (``../shared/data/faces/orl``), ``--identities`` people x 2 images, 92x112 grey
 resized bilinearly to 112x112 RGB (as ``../shared/tools/make_arcface_torch_fixtures.py``).
 
-``--margin-gradient`` selects the loss head of parts 2-3; only ``none`` (plain softmax) exists
-here: a margin mode adds one entry to :data:`HEADS` (our side) and the same name to the
-twin's reference run (torch side).
+With both margin heads, each is also compared with the other's torch reference: how far
+apart the two gradients are.
 """
 
 from __future__ import annotations
@@ -70,7 +73,15 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, default=3, help="twin SGD steps before saving")
     p.add_argument("--steps", type=int, default=3, help="SGD steps compared")
     p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--margin-gradient", default="none", choices=["none"], help="loss head")
+    p.add_argument(
+        "--margin-gradient",
+        nargs="+",
+        default=["none", "exact", "arcface_torch"],
+        choices=sorted(HEADS),
+        help="loss heads of the gradient and step comparison: plain softmax ('none'), ArcFace "
+        "with head.margin_gradient=exact (against full-gradient ArcFace in torch) or "
+        "=arcface_torch (against arcface_torch's CombinedMarginLoss)",
+    )
     p.add_argument("--torch-python", default=os.environ.get("FACEREC_TORCH_PYTHON"))
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -125,8 +136,33 @@ def softmax_head(embedding, labels, classifier):
     )
 
 
-# --margin-gradient NAME -> our loss head (embedding, labels, classifier) -> scalar
-HEADS = {"none": softmax_head}
+def margin_head(margin_gradient):
+    """ArcFace (s 64, m2 0.5) on the classifier's columns as class centres, our MarginHead
+    with ``head.margin_gradient`` = ``margin_gradient``."""
+
+    def head(embedding, labels, classifier):
+        import tensorflow as tf
+
+        from facerec_tf.heads import create_head
+
+        layer = create_head("arcface", classifier.shape[1], margin_gradient=margin_gradient)
+        layer.build((None, classifier.shape[0]))
+        layer.centers.kernel.assign(tf.transpose(tf.cast(classifier, tf.float32)))
+        logits = layer(tf.cast(embedding, tf.float32), labels, training=True)
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        )
+
+    return head
+
+
+# --margin-gradient NAME -> (our loss head (embedding, labels, classifier) -> scalar, the twin's
+# reference loss)
+HEADS = {
+    "none": (softmax_head, "softmax"),
+    "exact": (margin_head("exact"), "arcface_exact"),
+    "arcface_torch": (margin_head("arcface_torch"), "arcface_torch"),
+}
 
 
 def forward_parity(files: pathlib.Path, arch: str) -> dict:
@@ -144,7 +180,7 @@ def forward_parity(files: pathlib.Path, arch: str) -> dict:
     try:
         onnx_model = load_insightface_onnx(files / f"{arch}.onnx")
         result["onnx_eval"] = rel(onnx_model(probe, training=False), ref_eval)
-    except OnnxImportError as e:  # the ONNX importer reads IResNets only
+    except OnnxImportError as e:
         result["onnx_eval"] = f"not importable: {e.detail}"
     return result
 
@@ -170,7 +206,7 @@ def gradient_parity(
         model = create_backbone(name, **kwargs)
     else:
         model = IResNetBackbone(name=name, **kwargs)
-    load_arcface_torch_pth(pth, backbone=model)
+    load_arcface_torch_pth(pth, backbone=model, stem_scale=1.0)  # fed torch's input as is
     x = tf.constant(((faces.astype(np.float64) - 127.5) / 127.5).astype(dtype))
     y = tf.constant(labels.astype(np.int32))
     w = tf.constant(classifier.astype(dtype))
@@ -242,7 +278,7 @@ def torch_float32_floor(ref32, ref64, grad_keys: list[str]) -> dict:
     }
 
 
-def report(arch: str, params: int, fwd: dict, runs: dict, floor: dict) -> None:
+def report_forward(arch: str, params: int, fwd: dict) -> None:
     onnx = fwd["onnx_eval"]
     print(f"\n== {arch} ({params:,} parameters)")
     print(
@@ -250,6 +286,10 @@ def report(arch: str, params: int, fwd: dict, runs: dict, floor: dict) -> None:
         f".pth eval {fwd['pth_eval']:.1e}, .pth train {fwd['pth_train']:.1e}, ONNX eval "
         + (f"{onnx:.1e}" if isinstance(onnx, float) else onnx)
     )
+
+
+def report(head: str, torch_loss: str, runs: dict, floor: dict) -> None:
+    print(f"-- loss head: ours --margin-gradient {head}, torch {torch_loss}")
     for dtype, g in runs.items():
         f = g["forward_vs_torch_fp64"]
         print(
@@ -313,58 +353,75 @@ def main(argv=None) -> int:
             fwd = forward_parity(pathlib.Path(out), arch)
             emb = 512
             classifier = rng.normal(0, 0.05, size=(emb, args.identities))
-            refs = {}
-            for ref_dtype in ("float64", "float32"):
-                spec = os.path.join(tmp, f"{arch}_{ref_dtype}.npz")
-                np.savez(
-                    spec,
-                    faces=faces,
-                    labels=labels,
-                    classifier=classifier,
-                    lr=args.lr,
-                    momentum=MOMENTUM,
-                    weight_decay=WEIGHT_DECAY,
-                    steps=args.steps,
-                    float32=ref_dtype == "float32",
+            pth = os.path.join(out, f"{arch}.pth")
+            entry = {"params": twin["params"], "forward_vs_torch_fp32": fwd, "heads": {}}
+            references = {}
+            report_forward(arch, twin["params"], fwd)
+            for head in args.margin_gradient:
+                ours, torch_loss = HEADS[head]
+                refs = {}
+                for ref_dtype in ("float64", "float32"):
+                    spec = os.path.join(tmp, f"{arch}_{head}_{ref_dtype}.npz")
+                    np.savez(
+                        spec,
+                        faces=faces,
+                        labels=labels,
+                        classifier=classifier,
+                        lr=args.lr,
+                        momentum=MOMENTUM,
+                        weight_decay=WEIGHT_DECAY,
+                        steps=args.steps,
+                        float32=ref_dtype == "float32",
+                        loss=torch_loss,
+                    )
+                    ref = run_twin(python, "--arch", arch, "--out", out, "--pth", pth,
+                                   "--reference", spec, "--threads", str(args.threads))  # fmt: skip
+                    refs[ref_dtype] = np.load(ref["reference"])
+                reference = references[head] = refs["float64"]
+                floor = torch_float32_floor(refs["float32"], reference, out_keys(reference))
+                runs = {
+                    dtype: gradient_parity(
+                        pth,
+                        reference,
+                        faces,
+                        labels,
+                        classifier,
+                        ours,
+                        args.steps,
+                        args.lr,
+                        dtype=dtype,
+                    )  # fmt: skip
+                    for dtype in ("float32", "float64")
+                }
+                entry["heads"][head] = {
+                    "torch_loss": torch_loss,
+                    "ours_float32_vs_torch_float64": runs["float32"],
+                    "ours_float64_vs_torch_float64": runs["float64"],
+                    "torch_float32_vs_torch_float64": floor,
+                }
+                report(head, torch_loss, runs, floor)
+            if {"exact", "arcface_torch"} <= set(references):
+                # each mode against the other mode's reference: how far apart the two are
+                cross = {
+                    f"ours {a} vs torch {HEADS[b][1]}": gradient_parity(
+                        pth,
+                        references[b],
+                        faces,
+                        labels,
+                        classifier,
+                        HEADS[a][0],
+                        1,
+                        args.lr,
+                        dtype="float64",
+                    )["grad_rel_median"]  # fmt: skip
+                    for a, b in (("exact", "arcface_torch"), ("arcface_torch", "exact"))
+                }
+                entry["cross"] = cross
+                print(
+                    "the two margin gradients apart (step-1 gradients, ours float64, median "
+                    "||diff|| / ||torch||): " + "; ".join(f"{k} {v:.1e}" for k, v in cross.items())
                 )
-                ref = run_twin(
-                    python,
-                    "--arch",
-                    arch,
-                    "--out",
-                    out,
-                    "--pth",
-                    os.path.join(out, f"{arch}.pth"),
-                    "--reference",
-                    spec,
-                    "--threads",
-                    str(args.threads),
-                )
-                refs[ref_dtype] = np.load(ref["reference"])
-            reference = refs["float64"]
-            floor = torch_float32_floor(refs["float32"], reference, out_keys(reference))
-            runs = {
-                dtype: gradient_parity(
-                    os.path.join(out, f"{arch}.pth"),
-                    reference,
-                    faces,
-                    labels,
-                    classifier,
-                    HEADS[args.margin_gradient],
-                    args.steps,
-                    args.lr,
-                    dtype=dtype,
-                )
-                for dtype in ("float32", "float64")
-            }
-            results["archs"][arch] = {
-                "params": twin["params"],
-                "forward_vs_torch_fp32": fwd,
-                "ours_float32_vs_torch_float64": runs["float32"],
-                "ours_float64_vs_torch_float64": runs["float64"],
-                "torch_float32_vs_torch_float64": floor,
-            }
-            report(arch, twin["params"], fwd, runs, floor)
+            results["archs"][arch] = entry
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

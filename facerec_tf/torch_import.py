@@ -648,7 +648,7 @@ def _map_mobilefacenet(p: _Plan, blocks: tuple[int, ...]) -> None:
     p.bn("features.layers.3", "features")
 
 
-def load_arcface_torch_pth(path: str | os.PathLike, backbone=None):
+def load_arcface_torch_pth(path: str | os.PathLike, backbone=None, *, stem_scale=None):
     """Build (or fill) a backbone with the weights of an arcface_torch ``.pth``.
 
     Args:
@@ -662,7 +662,10 @@ def load_arcface_torch_pth(path: str | os.PathLike, backbone=None):
     Returns:
         the backbone: ``backbone(x)`` (and ``backbone(x, training=True)``) on pixels equals
         the torch network on ``(x - 127.5) / 127.5`` (NCHW) in eval (train) mode up to float
-        rounding. A backbone without preprocessing takes torch's normalised input (NHWC).
+        rounding. A backbone without preprocessing takes ``(x - 127.5) / 128`` (NHWC), like
+        every backbone built that way here, so the stem carries ``128 / 127.5`` in both cases;
+        ``stem_scale=1.0`` copies it unscaled instead (that backbone then takes torch's
+        ``(x - 127.5) / 127.5`` itself: the parametrisation of a torch-exact SGD comparison).
 
     Raises:
         TorchCheckpointError: unreadable or refused file, unknown architecture, or a key that
@@ -678,18 +681,14 @@ def load_arcface_torch_pth(path: str | os.PathLike, backbone=None):
             backbone = create_backbone(name, include_preprocessing=True, **kwargs)
         else:  # an IR-SE depth without a registry row (ir_se10, ir_se18...)
             backbone = IResNetBackbone(name=name, include_preprocessing=True, **kwargs)
-    _run_plan(state, backbone, path, None, assign=True)
+    _run_plan(state, backbone, path, stem_scale, assign=True)
     return backbone
 
 
 def _run_plan(state, backbone, path, stem_scale, assign) -> dict[str, np.ndarray]:
     name, kwargs = _infer(state, path)
-    if stem_scale is None:
-        try:
-            backbone.get_layer("preprocess")
-            stem_scale = STEM_RESCALE
-        except ValueError:
-            stem_scale = 1.0
+    if stem_scale is None:  # with or without the preprocess layer: (x - 127.5) / 128 in
+        stem_scale = STEM_RESCALE
     plan = _Plan(state, backbone, path, stem_scale, assign)
     if name.startswith(("iresnet", "ir_se")):
         units = tuple(_count(state, rf"layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
@@ -707,7 +706,7 @@ def keras_values(
     Keras variable path, without assigning them (same checks and errors).
 
     Also maps anything laid out like a state dict, e.g. torch's gradients (fill the keys that
-    have none with zeros). ``stem_scale`` overrides the stem factor (``128 / 127.5`` with a
-    preprocess layer, else 1); a gradient scales by its inverse.
+    have none with zeros). ``stem_scale`` overrides the stem factor (``128 / 127.5`` by
+    default); a gradient scales by its inverse.
     """
     return _run_plan(state, backbone, "<state dict>", stem_scale, assign=False)

@@ -59,6 +59,20 @@ def torch_python() -> str:
     return os.environ.get("FACEREC_TORCH_PYTHON") or sys.executable
 
 
+def require_torch_python() -> str:
+    """:func:`torch_python`, or skip the test with the reason when it cannot import torch."""
+    python = torch_python()
+    probe = subprocess.run(
+        [python, "-c", "import torch"], capture_output=True, text=True, check=False, timeout=300
+    )
+    if probe.returncode != 0:
+        pytest.skip(
+            f"torch is not importable by {python} (install the test extra `.[torch-tests]` "
+            "or set FACEREC_TORCH_PYTHON): " + (probe.stderr.strip().splitlines() or [""])[-1]
+        )
+    return python
+
+
 @pytest.fixture(scope="session")
 def torch_fixture(tmp_path_factory):
     """Factory ``torch_fixture(arch, embedding=512, onnx=True)`` -> dict of paths.
@@ -68,15 +82,7 @@ def torch_fixture(tmp_path_factory):
     images) and returns ``{"pth", "onnx", "probe", "eval", "train", "json"}``. Skips with a
     reason when that Python cannot import torch.
     """
-    python = torch_python()
-    probe = subprocess.run(
-        [python, "-c", "import torch"], capture_output=True, text=True, check=False
-    )
-    if probe.returncode != 0:
-        pytest.skip(
-            f"torch is not importable by {python} (install the test extra `.[torch-tests]` "
-            "or set FACEREC_TORCH_PYTHON): " + (probe.stderr.strip().splitlines() or [""])[-1]
-        )
+    python = require_torch_python()
     # one folder per argument set, shared by the pytest-xdist workers of this run
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -280,10 +280,9 @@ TWIN_ARCHS = ("mbf_large", "ir_se10")
 @pytest.fixture(scope="module")
 def twins(tmp_path_factory, torch_data):
     """``tests/torch_twin.py`` files for :data:`TWIN_ARCHS` (one torch process for all)."""
-    python = os.environ.get("FACEREC_TORCH_PYTHON", sys.executable)
-    check = subprocess.run([python, "-c", "import torch"], capture_output=True, timeout=120)
-    if check.returncode != 0:
-        pytest.skip(f"no torch in {python} (set FACEREC_TORCH_PYTHON to a Python with torch)")
+    from conftest import require_torch_python
+
+    python = require_torch_python()
     out = tmp_path_factory.mktemp("twins")
     faces = torch_data / "probe_faces.npy"
     calls = "; ".join(

@@ -329,7 +329,9 @@ def test_arcface_torch_mbf_pth_parity(arcface_torch_dir, name):
 
 
 def test_stem_rescale_and_no_preprocessing(arcface_torch_dir):
-    """Without the preprocess layer the model takes torch's normalised input, stem unscaled."""
+    """Without the preprocess layer the model takes (x - 127.5) / 128 like every backbone built
+    that way here (stem scaled by 128/127.5 as with it); stem_scale=1 copies it unscaled, to be
+    fed torch's (x - 127.5) / 127.5."""
     from facerec_tf.models import create_backbone
 
     path = arcface_torch_dir / "mbf_s1_b2231_e128.pth"
@@ -344,12 +346,17 @@ def test_stem_rescale_and_no_preprocessing(arcface_torch_dir):
     load_arcface_torch_pth(path, backbone=bare)
     scaled = load_arcface_torch_pth(path)
     w = state["layers.0.layers.0.weight"].transpose(2, 3, 1, 0)
-    np.testing.assert_array_equal(bare.get_layer("stem_conv").kernel.numpy(), w)
     np.testing.assert_array_equal(
         scaled.get_layer("stem_conv").kernel.numpy(), w * np.float32(STEM_RESCALE)
     )
+    np.testing.assert_array_equal(
+        bare.get_layer("stem_conv").kernel.numpy(), scaled.get_layer("stem_conv").kernel.numpy()
+    )
     probe = np.load(arcface_torch_dir / "probe_faces.npy").astype(np.float32)
     ref = np.load(arcface_torch_dir / "mbf_s1_b2231_e128_eval_embeddings.npy")
+    assert rel_err(bare((probe - 127.5) / 128.0), ref) <= 1e-4
+    load_arcface_torch_pth(path, backbone=bare, stem_scale=1.0)
+    np.testing.assert_array_equal(bare.get_layer("stem_conv").kernel.numpy(), w)
     assert rel_err(bare((probe - 127.5) / 127.5), ref) <= 1e-4
 
 

@@ -1,6 +1,7 @@
 """Parity with arcface_torch computed by torch itself, in a separate interpreter.
 
-torch is not a dependency: set ``FACEREC_TORCH_PYTHON`` to a Python that has torch (and
+torch is not a dependency: the tests run it in a subprocess, with this Python when the
+test extra ``.[torch-tests]`` is installed (as CI does) or with ``FACEREC_TORCH_PYTHON`` (and
 numpy); tests/torch_reference.py runs there. Without it these tests skip.
 
     FACEREC_TORCH_PYTHON=/path/to/torch/python pytest -s tests/test_torch_parity.py
@@ -8,7 +9,6 @@ numpy); tests/torch_reference.py runs there. Without it these tests skip.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import subprocess
 
@@ -24,9 +24,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def torch_run(tmp_path_factory):
-    python = os.environ.get("FACEREC_TORCH_PYTHON")
-    if not python:
-        pytest.skip("set FACEREC_TORCH_PYTHON to a Python with torch to compare with torch")
+    from conftest import require_torch_python
+
+    python = require_torch_python()
     rng = np.random.default_rng(5)
     y = rng.integers(0, 40, 16)
     w = rng.standard_normal((40, 32)).astype(np.float32)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 
@@ -294,13 +295,47 @@ def random_faces(rng: np.random.Generator, n: int) -> np.ndarray:
     return np.clip(big, 0, 255).astype(np.uint8)
 
 
+def reference_loss(kind: str, embedding, classifier, labels):
+    """The mean cross-entropy of the ``--reference`` run's head, ``classifier`` ``[E, C]``:
+
+    * ``softmax``: of ``embedding @ classifier``;
+    * ``arcface_torch``: arcface_torch's ``CombinedMarginLoss`` ArcFace branch (s 64, m2 0.5) on
+      the cosines to the normalised columns: the margin goes in place under ``no_grad``
+      (``arccos``, ``+ m2`` on the targets, ``cos``), so autograd sees ``s * cos``;
+    * ``arcface_exact``: the same value with the margin differentiated (full-gradient
+      ArcFace), insightface's ``cos - m2 sin(m2)`` past ``theta + m2 > pi``.
+    """
+    if kind == "softmax":
+        return nn.functional.cross_entropy(embedding @ classifier, labels)
+    s, m2 = 64.0, 0.5
+    cos = nn.functional.linear(
+        nn.functional.normalize(embedding), nn.functional.normalize(classifier.t())
+    ).clamp(-1, 1)
+    rows = torch.arange(len(labels))
+    if kind == "arcface_torch":
+        with torch.no_grad():
+            angles = cos.arccos()
+            angles[rows, labels] += m2
+            cos.copy_(angles.cos())
+        return nn.functional.cross_entropy(cos * s, labels)
+    if kind != "arcface_exact":
+        raise SystemExit(f"unknown reference loss {kind!r}")
+    target = cos[rows, labels]
+    theta = torch.atan2(torch.sqrt(torch.clamp(1 - target**2, min=1e-12)), target)
+    fallback = target - math.sin(math.pi - m2) * m2
+    new = torch.where(target > math.cos(math.pi - m2), torch.cos(theta + m2), fallback)
+    onehot = nn.functional.one_hot(labels, cos.shape[1]).to(cos.dtype)
+    logits = cos * (1 - onehot) + new[:, None] * onehot
+    return nn.functional.cross_entropy(logits * s, labels)
+
+
 def reference_run(net: nn.Module, spec_path: str, out_path: str) -> dict:
     """A float64 training run for gradient comparisons (``--reference``).
 
     ``spec_path`` is a ``.npz`` with ``faces`` (uint8 NHWC), ``labels`` (int), ``classifier``
     (``[E, C]``, fixed), ``lr``, ``momentum``, ``weight_decay``, ``steps`` and optionally
-    ``float32`` (true: run in float32 instead, to measure float32 rounding). The loss is the
-    mean softmax cross-entropy of ``embedding @ classifier`` in train mode; SGD as torch's.
+    ``float32`` (true: run in float32 instead, to measure float32 rounding), and ``loss`` (see
+    :func:`reference_loss`; default ``softmax``). Train mode; SGD as torch's.
     Writes ``losses`` (one per step, before its update), ``eval`` and ``train`` (outputs of
     the starting weights) and ``grad/NAME`` (step-1 gradient of every parameter) to
     ``out_path``.
@@ -322,8 +357,9 @@ def reference_run(net: nn.Module, spec_path: str, out_path: str) -> dict:
     )
     net.train()
     losses, grads = [], {}
+    head = str(spec["loss"]) if "loss" in spec.files else "softmax"
     for step in range(int(spec["steps"])):
-        loss = nn.functional.cross_entropy(net(x) @ w, y)
+        loss = reference_loss(head, net(x), w, y)
         opt.zero_grad()
         loss.backward()
         if step == 0:
