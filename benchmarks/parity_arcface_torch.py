@@ -390,7 +390,7 @@ def main(argv=None) -> int:
                         args.steps,
                         args.lr,
                         dtype=dtype,
-                    )  # fmt: skip
+                    )
                     for dtype in ("float32", "float64")
                 }
                 entry["heads"][head] = {
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
                         1,
                         args.lr,
                         dtype="float64",
-                    )["grad_rel_median"]  # fmt: skip
+                    )["grad_rel_median"]
                     for a, b in (("exact", "arcface_torch"), ("arcface_torch", "exact"))
                 }
                 entry["cross"] = cross

@@ -52,7 +52,6 @@ IR-SE key layout (arcface_torch has no IR-SE; this is the convention of ``tests/
 
 from __future__ import annotations
 
-import _compat_pickle
 import collections
 import io
 import math
@@ -65,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from facerec_tf.errors import DataFormatError
+from facerec_tf.safe_pickle import AllowListUnpickler, RefusedGlobal
 
 __all__ = [
     "TorchCheckpointError",
@@ -91,13 +91,6 @@ class TorchCheckpointError(DataFormatError):
 # Restricted unpickling
 
 
-class _RefusedGlobal(Exception):
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module}.{name}")
-        self.module = module
-        self.name = name
-
-
 class _BadContent(Exception):
     """Well-formed pickle, content that is not a state dict of tensors."""
 
@@ -110,7 +103,7 @@ class _StorageType:
         self.dtype = dtype  # numpy dtype string, or "bfloat16"
 
     def __call__(self, *args, **kwargs):
-        raise _RefusedGlobal("torch", f"{self.name} called")
+        raise RefusedGlobal("torch", f"{self.name} called")
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"
@@ -213,8 +206,10 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _TorchUnpickler(pickle.Unpickler):
+class _TorchUnpickler(AllowListUnpickler):
     """Resolves only :data:`_ALLOWED_GLOBALS`; storages come from the zip archive."""
+
+    allowed = _ALLOWED_GLOBALS
 
     def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, byteorder: str):
         super().__init__(io.BytesIO(data))
@@ -222,16 +217,6 @@ class _TorchUnpickler(pickle.Unpickler):
         self._prefix = prefix
         self._byteorder = ">" if byteorder == "big" else "<"
         self._storages: dict[str, _Storage] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise _RefusedGlobal(module, name) from None
 
     def persistent_load(self, pid: Any) -> _Storage:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -268,7 +253,7 @@ class _TorchUnpickler(pickle.Unpickler):
 
 class _NoGlobals(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        raise _RefusedGlobal(module, name)
+        raise RefusedGlobal(module, name)
 
 
 def _open_archive(path: str) -> tuple[zipfile.ZipFile, str]:
@@ -372,7 +357,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 if byteorder not in ("little", "big"):
                     raise _BadContent(f"byteorder {byteorder!r}")
             obj = _TorchUnpickler(data, archive, prefix, byteorder).load()
-        except _RefusedGlobal as e:
+        except RefusedGlobal as e:
             raise TorchCheckpointError(
                 f"refused to load the pickle: it asks for the global {e.module}.{e.name}, which a "
                 "torch state dict never needs (a malicious or foreign pickle?)",

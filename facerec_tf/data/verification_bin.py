@@ -23,7 +23,6 @@ flip-augmented embedding.
 
 from __future__ import annotations
 
-import _compat_pickle
 import io
 import os
 import pickle
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from facerec_tf.errors import ImageError, VerificationBinError
+from facerec_tf.safe_pickle import AllowListUnpickler, RefusedGlobal
 
 __all__ = [
     "VerificationSet",
@@ -75,26 +75,17 @@ class VerificationSet:
 # Restricted unpickling
 
 
-class _RefusedGlobal(Exception):
-    """Raised by the unpickler's ``find_class`` for a global outside the allow-list."""
-
-    def __init__(self, module: str, name: str) -> None:
-        super().__init__(f"{module}.{name}")
-        self.module = module
-        self.name = name
-
-
 def _latin1_encode(text: object, encoding: object = "utf-8") -> bytes:
     """Stand-in for ``_codecs.encode`` that only rebuilds protocol-2 ``bytes``."""
     if not isinstance(text, str) or encoding != "latin1":
-        raise _RefusedGlobal("_codecs", f"encode with {type(text).__name__}, {encoding!r}")
+        raise RefusedGlobal("_codecs", f"encode with {type(text).__name__}, {encoding!r}")
     return text.encode("latin1")
 
 
 def _bool_dtype(spec: object, align: object = False, copy: object = False) -> np.dtype:
     """Stand-in for ``numpy.dtype`` that only builds the bool dtype."""
     if spec not in ("b1", b"b1", "?", b"?", "bool"):
-        raise _RefusedGlobal("numpy", f"dtype({spec!r})")
+        raise RefusedGlobal("numpy", f"dtype({spec!r})")
     return np.dtype(np.bool_)
 
 
@@ -112,27 +103,16 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(AllowListUnpickler):
     """Unpickler that resolves only the globals in ``_ALLOWED_GLOBALS``."""
 
-    def find_class(self, module: str, name: str) -> Any:
-        # Protocol-2 pickles use Python 2 names (``__builtin__.eval``): map them to Python 3
-        # names, as the default ``find_class`` does, before checking the allow-list (no
-        # Python 2 name maps onto an allowed global, so this only makes messages readable).
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-        elif module in _compat_pickle.IMPORT_MAPPING:
-            module = _compat_pickle.IMPORT_MAPPING[module]
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise _RefusedGlobal(module, name) from None
+    allowed = _ALLOWED_GLOBALS
 
 
 def _unpickle(data: bytes, path: str) -> Any:
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except _RefusedGlobal as e:
+    except RefusedGlobal as e:
         raise VerificationBinError(
             f"refused to load the pickle: it asks for the global {e.module}.{e.name}, which a "
             "verification .bin never needs (a malicious or foreign pickle?)",
