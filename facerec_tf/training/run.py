@@ -120,6 +120,15 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _leave(trainer, code: int) -> int:
+    """``code``; a non-chief worker of a multi-worker run exits at once instead, before the
+    chief, which hosts TensorFlow's coordination service (a worker still shutting down after
+    it would log errors about the vanished service)."""
+    if trainer is not None and trainer.num_workers > 1 and not trainer.chief:
+        _exit_now(code)
+    return code
+
+
 def main(argv=None) -> int:
     from facerec_tf.config import resolve
     from facerec_tf.errors import FacerecError
@@ -129,6 +138,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM from now on makes every worker save and stop at the same step
     stop_request = StopRequest().install()
+    trainer = None
     try:
         overrides = list(args.overrides)
         overrides.append(f"data.source={args.data}")
@@ -156,7 +166,7 @@ def main(argv=None) -> int:
         _exit_now(EXIT_WORKER_LOST)
     except PreemptedError as e:
         print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return _leave(trainer, EXIT_PREEMPTED)
     except FacerecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -165,4 +175,4 @@ def main(argv=None) -> int:
     for name, r in summary["verification"].items():
         print(f"final [{name}] accuracy {r['accuracy']:.5f} +- {r['accuracy_std']:.5f}")
     print(f"final weights digest {summary['weights_digest']} after {summary['steps']} steps")
-    return EXIT_OK
+    return _leave(trainer, EXIT_OK)
