@@ -121,10 +121,11 @@ def _exit_now(code: int) -> None:
 
 
 def _leave(trainer, code: int) -> int:
-    """``code``; a non-chief worker of a multi-worker run exits at once instead, before the
-    chief, which hosts TensorFlow's coordination service (a worker still shutting down after
-    it would log errors about the vanished service)."""
-    if trainer is not None and trainer.num_workers > 1 and not trainer.chief:
+    """``code``; the workers of a multi-worker run exit at once instead. They leave the
+    trainer together (a final all-gather) with everything written, and TensorFlow's own
+    shutdown would make whichever worker is slower log errors: the chief hosts the
+    coordination service, and the service reports a worker gone first as unhealthy."""
+    if trainer is not None and trainer.num_workers > 1:
         _exit_now(code)
     return code
 
