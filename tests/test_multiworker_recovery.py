@@ -91,7 +91,13 @@ class Cluster:
 
 
 def last_line(text: str) -> str:
-    return text.strip().splitlines()[-1]
+    """The trainer's last line on stderr (TensorFlow's C++ log lines, which may follow it
+    when the coordination leader exits first, are not ours)."""
+    ours = [
+        line for line in text.splitlines() if line.startswith(("error: ", "stopped by SIGTERM"))
+    ]
+    assert ours, text[-3000:]
+    return ours[-1]
 
 
 @pytest.mark.slow

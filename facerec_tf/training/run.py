@@ -115,6 +115,16 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+def _leave(trainer, code: int) -> int:
+    """``code``; the workers of a multi-worker run exit at once instead. They leave the
+    trainer together (a final all-gather) with everything written, and TensorFlow's own
+    shutdown would make whichever worker is slower log errors: the chief hosts the
+    coordination service, and the service reports a worker gone first as unhealthy."""
+    if trainer is not None and trainer.num_workers > 1:
+        _exit_now(code)
+    return code
+
+
 def main(argv=None) -> int:
     from facerec_tf.config import resolve
     from facerec_tf.errors import FacerecError
@@ -124,6 +134,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM from now on makes every worker save and stop at the same step
     stop_request = StopRequest().install()
+    trainer = None
     try:
         overrides = list(args.overrides)
         overrides.append(f"data.source={args.data}")
@@ -151,7 +162,7 @@ def main(argv=None) -> int:
         _exit_now(EXIT_WORKER_LOST)
     except PreemptedError as e:
         print(f"{e}; resume with: {resume_command(argv)}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return _leave(trainer, EXIT_PREEMPTED)
     except FacerecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -160,4 +171,4 @@ def main(argv=None) -> int:
     for name, r in summary["verification"].items():
         print(f"final [{name}] accuracy {r['accuracy']:.5f} +- {r['accuracy_std']:.5f}")
     print(f"final weights digest {summary['weights_digest']} after {summary['steps']} steps")
-    return EXIT_OK
+    return _leave(trainer, EXIT_OK)

@@ -791,6 +791,8 @@ class Trainer:
             if float(out["stop"].numpy()) > 0 and step < self.max_steps:
                 self.save()  # on every worker, at the same step
                 self.writer.flush()
+                if self.num_workers > 1:  # the chief's copy is complete before anyone leaves
+                    self._gather_rows([])
                 self._log(f"step {step}: SIGTERM received, checkpoint saved, stopping")
                 raise PreemptedError(step, os.path.join(self.checkpoint_dir, f"ckpt-{step}"))
             if step % rt.checkpoint_every == 0 and step < self.max_steps:
