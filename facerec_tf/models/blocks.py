@@ -79,6 +79,8 @@ class BatchNormalization(keras.layers.BatchNormalization):
 
     def _update_moving(self, mean, unbiased):
         momentum = self.momentum
+        dtype = self.moving_mean.dtype
+        mean, unbiased = tf.cast(mean, dtype), tf.cast(unbiased, dtype)
         self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
         self.moving_variance.assign(self.moving_variance * momentum + unbiased * (1.0 - momentum))
 
@@ -109,6 +111,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
             return super().call(inputs, training=training, mask=mask)  # Keras' error
         if (
             mask is None
+            and inputs.dtype in (tf.float32, tf.bfloat16, tf.float16)
             and not self.synchronized
             and len(inputs.shape) == 4
             and self.axis in (-1, 3)
@@ -119,7 +122,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
         mean, variance = self._moments(x, mask)
         count = self._count(x, mask)
         unbiased = variance * (count / tf.maximum(count - 1.0, 1.0))
-        self._update_moving(tf.cast(mean, tf.float32), tf.cast(unbiased, tf.float32))
+        self._update_moving(mean, unbiased)
         gamma = tf.cast(self.gamma, x.dtype) if self.scale else None
         beta = tf.cast(self.beta, x.dtype) if self.center else None
         outputs = keras.ops.batch_normalization(
