@@ -128,7 +128,7 @@ def test_missing_teacher_and_pretrained_backbone_are_reported_when_the_run_is_bu
     task = FaceRecognitionTask(resolve("ms1mv2_r50_pfe", small))
     with pytest.raises(ConfigError, match=r"set model\.pretrained") as info:
         Objective(task, task.build_backbone(), None)
-    with pytest.raises(ConfigError, match="no model at") as info:
+    with pytest.raises(ConfigError, match="model not found") as info:
         load_backbone(str(tmp_path), key="loss.teacher")
     assert info.value.key == "loss.teacher" and str(tmp_path) in str(info.value)
 
