@@ -156,26 +156,14 @@ def onnx_files(backbone, tmp_path_factory):
 
 
 def test_serving_layout_and_signatures(serving_dir, loaded):
-    import tensorflow as tf
 
     base, path = serving_dir
     assert path == os.path.join(base, "facerec", "1")
     assert os.path.isfile(os.path.join(base, "facerec", "1", "saved_model.pb"))
     assert os.path.isdir(os.path.join(base, "facerec", "1", "variables"))
     assert os.listdir(os.path.join(base, "facerec")) == ["1"]  # no temporary left behind
-    assert set(loaded.signatures) == {"serving_default", "serve_jpeg"}
-    images = loaded.signatures["serving_default"]
-    jpeg = loaded.signatures["serve_jpeg"]
-    (spec,) = images.structured_input_signature[1].values()
-    assert (spec.name, spec.dtype, spec.shape.as_list()) == (
-        "images",
-        tf.float32,
-        [None, 112, 112, 3],
-    )
-    (spec,) = jpeg.structured_input_signature[1].values()
-    assert (spec.name, spec.dtype, spec.shape.as_list()) == ("jpeg_bytes", tf.string, [None])
+    images, jpeg = assert_serving_signatures(loaded)
     for fn in (images, jpeg):
-        assert list(fn.structured_outputs) == ["embedding"]
         assert fn.structured_outputs["embedding"].shape.as_list() == [None, 512]
 
 
@@ -373,3 +361,24 @@ def test_cli_converts_a_run_folder_to_keras(backbone, tmp_path):
         reloaded(x, training=False).numpy(), backbone(x, training=False).numpy()
     )
     shutil.rmtree(run)
+
+
+def assert_serving_signatures(loaded):
+    """The two TF Serving signatures of an exported SavedModel, their inputs and float32
+    ``embedding`` output checked; returns ``(serving_default, serve_jpeg)``."""
+    import tensorflow as tf
+
+    assert set(loaded.signatures) == {"serving_default", "serve_jpeg"}
+    images, jpeg = loaded.signatures["serving_default"], loaded.signatures["serve_jpeg"]
+    (spec,) = images.structured_input_signature[1].values()
+    assert (spec.name, spec.dtype, spec.shape.as_list()) == (
+        "images",
+        tf.float32,
+        [None, 112, 112, 3],
+    )
+    (spec,) = jpeg.structured_input_signature[1].values()
+    assert (spec.name, spec.dtype, spec.shape.as_list()) == ("jpeg_bytes", tf.string, [None])
+    for fn in (images, jpeg):
+        assert list(fn.structured_outputs) == ["embedding"]
+        assert fn.structured_outputs["embedding"].dtype == tf.float32
+    return images, jpeg

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_export import _l2, _randomise
+from test_export import _l2, _randomise, assert_serving_signatures
 
 # Relative tolerance of the float32 folded graph against the Keras graph (the bar).
 FOLD_TOL = 1e-5
@@ -149,19 +149,7 @@ def test_signatures_unchanged(exports, precision, yale):
     import tensorflow as tf
 
     loaded = exports[precision][1]
-    assert set(loaded.signatures) == {"serving_default", "serve_jpeg"}
-    images, jpeg = loaded.signatures["serving_default"], loaded.signatures["serve_jpeg"]
-    (spec,) = images.structured_input_signature[1].values()
-    assert (spec.name, spec.dtype, spec.shape.as_list()) == (
-        "images",
-        tf.float32,
-        [None, 112, 112, 3],
-    )
-    (spec,) = jpeg.structured_input_signature[1].values()
-    assert (spec.name, spec.dtype, spec.shape.as_list()) == ("jpeg_bytes", tf.string, [None])
-    for fn in (images, jpeg):
-        assert list(fn.structured_outputs) == ["embedding"]
-        assert fn.structured_outputs["embedding"].dtype == tf.float32
+    images, jpeg = assert_serving_signatures(loaded)
     jpegs = tf.constant(yale[0][:4])
     np.testing.assert_allclose(
         jpeg(jpeg_bytes=jpegs)["embedding"].numpy(),
