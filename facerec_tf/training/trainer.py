@@ -429,10 +429,12 @@ class Trainer:
             "grad_norm": grad_norm,
         }
 
-    def _train_fn(self, iterator, stop):
+    def _train_fn(self, iterator, stop, step=None):
         """Run one loop of ``steps_per_loop`` steps (head-only before ``freeze_steps``);
-        ``stop``: this worker's SIGTERM flag, all-reduced with the step."""
-        train_backbone = self.step >= self.freeze_steps
+        ``stop``: this worker's SIGTERM flag, all-reduced with the step; ``step``: the current
+        step when the caller knows it (saves a read of the optimiser's counter)."""
+        step = self.step if step is None else step
+        train_backbone = step >= self.freeze_steps
         if train_backbone not in self._train_fns:
             self._train_fns[train_backbone] = self._build_train_fn(train_backbone)
         return self._train_fns[train_backbone](iterator, stop)
@@ -750,7 +752,7 @@ class Trainer:
         step = last_saved = self.step
         while step < self.max_steps:
             stop = tf.constant(float(self.stop_request.received), tf.float32)
-            out = self._train_fn(self.iterator, stop)
+            out = self._train_fn(self.iterator, stop, step)
             step = self._last_step = self.step
             window_images += self.global_batch * rt.steps_per_loop
             loss = float(out["loss"].numpy())
