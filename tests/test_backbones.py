@@ -94,6 +94,25 @@ def test_every_backbone_round_trips(name, tmp_path):
     np.testing.assert_array_equal(loaded(x, training=False).numpy(), want)
 
 
+@pytest.mark.parametrize(
+    "name", ["iresnet10", "mobilefacenet_small", "vargfacenet", "facenet_mobilenet"]
+)
+def test_float64_backbone_does_not_round_its_input(name):
+    """dtype="float64": the images input is float64 too, so an input that float32 cannot hold
+    (torch's (x - 127.5) / 127.5) reaches the stem unrounded; other policies keep float32."""
+    keras.utils.set_random_seed(0)
+    model = create_backbone(name, include_preprocessing=False, dtype="float64")
+    assert model.input.dtype == "float64"
+    shape = tuple(model.input.shape[1:])
+    x = (np.random.default_rng(0).integers(0, 256, size=(2, *shape)) - 127.5) / 127.5
+    rounded = x.astype(np.float32).astype(np.float64)
+    assert not np.array_equal(x, rounded)
+    got = model(x, training=False).numpy()
+    assert not np.array_equal(got, model(rounded, training=False).numpy())
+    for dtype in (None, "float32", "mixed_bfloat16"):
+        assert create_backbone(name, dtype=dtype).input.dtype == "float32"
+
+
 def test_output_shapes_and_options():
     model = create_backbone("iresnet18", embedding_size=256, input_shape=(112, 112, 3))
     assert model.output.shape == (None, 256) and model.input.shape == (None, 112, 112, 3)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import keras
 
 from facerec_tf.models import blocks
-from facerec_tf.models.backbone import Backbone
+from facerec_tf.models.backbone import Backbone, input_dtype
 
 FACENET_INPUT_SHAPE = (160, 160, 3)
 
@@ -237,7 +237,7 @@ class FacenetBackbone(Backbone):
             )
         input_shape = tuple(input_shape)
         build_features, _ = FACENET_FEATURES[features]
-        images = keras.Input(shape=input_shape, name="images")
+        images = keras.Input(shape=input_shape, name="images", dtype=input_dtype(dtype))
         x = blocks.preprocessing(images, dtype=dtype) if include_preprocessing else images
         x = build_features(x, dtype=dtype)
         x = keras.layers.GlobalAveragePooling2D(name="head_pool", dtype=dtype)(x)

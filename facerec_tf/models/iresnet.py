@@ -16,7 +16,7 @@ from __future__ import annotations
 import keras
 
 from facerec_tf.models import blocks
-from facerec_tf.models.backbone import INPUT_SHAPE, Backbone
+from facerec_tf.models.backbone import INPUT_SHAPE, Backbone, input_dtype
 
 IRESNET_STAGES = {
     10: (1, 1, 1, 1),  # not in arcface_torch: a quick CPU depth for smoke runs and tests
@@ -97,7 +97,7 @@ class IResNetBackbone(Backbone):
                 f"IResNet depth must be one of {sorted(IRESNET_STAGES)}, got {depth!r}"
             )
         input_shape = tuple(input_shape)
-        images = keras.Input(shape=input_shape, name="images")
+        images = keras.Input(shape=input_shape, name="images", dtype=input_dtype(dtype))
         x = blocks.preprocessing(images, dtype=dtype) if include_preprocessing else images
         x = blocks.conv(x, 64, 3, padding=1, name="stem_conv", dtype=dtype)
         x = blocks.batch_norm(x, "stem_bn", dtype=dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 
 from facerec_tf.models import blocks
-from facerec_tf.models.backbone import INPUT_SHAPE, Backbone
+from facerec_tf.models.backbone import INPUT_SHAPE, Backbone, input_dtype
 
 
 def conv_block(
@@ -87,7 +87,7 @@ class MobileFaceNetBackbone(Backbone):
         stage_units = tuple(int(u) for u in stage_units)
         input_shape = tuple(input_shape)
         c64, c128 = 64 * width_scale, 128 * width_scale
-        images = keras.Input(shape=input_shape, name="images")
+        images = keras.Input(shape=input_shape, name="images", dtype=input_dtype(dtype))
         x = blocks.preprocessing(images, dtype=dtype) if include_preprocessing else images
         x = conv_block(x, c64, 3, "stem", strides=2, padding=1, dtype=dtype)
         if stage_units[0] == 1:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import keras
 
 from facerec_tf.models import blocks
-from facerec_tf.models.backbone import INPUT_SHAPE, Backbone
+from facerec_tf.models.backbone import INPUT_SHAPE, Backbone, input_dtype
 
 # Base widths of the head and of the three stages (times ``width_multiplier``); each stage
 # starts with a stride-2 down-sampling block.
@@ -185,7 +185,7 @@ class VarGFaceNetBackbone(Backbone):
             raise ValueError(f"stage_units must be 3 positive integers, got {stage_units}")
         input_shape = tuple(input_shape)
         gkw = dict(group_channels=group_channels, dtype=dtype)
-        images = keras.Input(shape=input_shape, name="images")
+        images = keras.Input(shape=input_shape, name="images", dtype=input_dtype(dtype))
         x = blocks.preprocessing(images, dtype=dtype) if include_preprocessing else images
         # head block: full-resolution conv, then a stride-2 normal block (factor 1)
         x = blocks.conv(
