@@ -1163,18 +1163,21 @@ def _set_bias_bn(layer, bias: np.ndarray | None, channels: int, where: str, path
     )
 
 
+def torch_conv_kernel(weight: np.ndarray, groups: int) -> np.ndarray:
+    """A torch ``Conv2d`` weight ``[O, I / G, kh, kw]`` as our layer's kernel: ``Conv2D``
+    ``[kh, kw, I, O]`` (``groups`` 1), else ``GroupedConv2D`` ``[kh, kw, I, O / G]``, which
+    is also ``DepthwiseConv2D``'s ``[kh, kw, C, multiplier]`` when ``groups`` = C. Used by the
+    ONNX and the ``.pth`` importers."""
+    if groups == 1:
+        return weight.transpose(2, 3, 1, 0)
+    o, cin, kh, kw = weight.shape
+    cout = o // groups  # kernel[:, :, g*cin + k, j] = weight[g*cout + j, k]
+    w = weight.reshape(groups, cout, cin, kh, kw).transpose(3, 4, 0, 2, 1)
+    return w.reshape(kh, kw, groups * cin, cout)
+
+
 def _keras_kernel(conv: ConvParams) -> np.ndarray:
-    """Torch ``[O, I / G, kh, kw]`` to our layer's kernel: ``Conv2D`` ``[kh, kw, I, O]``,
-    ``DepthwiseConv2D`` ``[kh, kw, C, 1]`` or ``GroupedConv2D`` ``[kh, kw, I, O / G]``."""
-    w = conv.weight
-    if conv.group == 1:
-        return w.transpose(2, 3, 1, 0)
-    if conv.group == conv.out_channels == conv.in_channels:
-        return w.transpose(2, 3, 0, 1)
-    o, cin, kh, kw = w.shape
-    groups = conv.group
-    cout = o // groups  # GroupedConv2D: kernel[:, :, g*cin + k, j] = w[g*cout + j, k]
-    return w.reshape(groups, cout, cin, kh, kw).transpose(3, 4, 0, 2, 1).reshape(kh, kw, -1, cout)
+    return torch_conv_kernel(conv.weight, conv.group)
 
 
 def _set_conv(model, conv_name: str, conv: ConvParams, path: str, in_scale=None) -> None:

@@ -56,7 +56,6 @@ import collections
 import io
 import math
 import os
-import pickle
 import re
 import zipfile
 from typing import Any
@@ -64,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from facerec_tf.errors import DataFormatError
+from facerec_tf.onnx_import import STEM_RESCALE, torch_conv_kernel
 from facerec_tf.safe_pickle import AllowListUnpickler, RefusedGlobal
 
 __all__ = [
@@ -73,8 +73,6 @@ __all__ = [
     "read_torch_checkpoint",
 ]
 
-# arcface_torch feeds the stem (x - 127.5) / 127.5; our preprocess layer gives (x - 127.5) / 128.
-STEM_RESCALE = 128.0 / 127.5
 
 # Keys under which training checkpoints keep the backbone's state dict.
 WRAPPER_KEYS = ("state_dict_backbone", "state_dict", "model", "backbone")
@@ -251,11 +249,6 @@ class _TorchUnpickler(AllowListUnpickler):
 # Reading
 
 
-class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise RefusedGlobal(module, name)
-
-
 def _open_archive(path: str) -> tuple[zipfile.ZipFile, str]:
     try:
         with open(path, "rb") as f:
@@ -264,7 +257,7 @@ def _open_archive(path: str) -> tuple[zipfile.ZipFile, str]:
         raise TorchCheckpointError(f"cannot read file: {e}", path=path) from e
     if not zipfile.is_zipfile(path):
         try:  # torch's legacy format starts with a pickled magic int (no global allowed)
-            legacy = _NoGlobals(io.BytesIO(head)).load() == _LEGACY_MAGIC
+            legacy = AllowListUnpickler(io.BytesIO(head)).load() == _LEGACY_MAGIC
         except Exception:
             legacy = False
         if legacy:
@@ -280,8 +273,11 @@ def _open_archive(path: str) -> tuple[zipfile.ZipFile, str]:
             expected="a torch.save zip checkpoint (PREFIX/data.pkl + PREFIX/data/N)",
         )
     archive = zipfile.ZipFile(path)
-    pkls = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
-    pkls = [n for n in pkls if n == "data.pkl" or n.endswith("/data.pkl")]
+    pkls = [
+        n
+        for n in archive.namelist()
+        if n == "data.pkl" or (n.endswith("/data.pkl") and n.count("/") == 1)
+    ]
     if len(pkls) != 1:
         archive.close()
         raise TorchCheckpointError(
@@ -512,7 +508,8 @@ class _Plan:
         value = value.reshape(tuple(variable.shape))
         if self.assign:
             variable.assign(value)
-        self.values[variable.path] = value
+        else:
+            self.values[variable.path] = value
         self.assigned.add(id(variable))
 
     def conv(self, key: str, name: str, scale: float = 1.0) -> None:
@@ -522,16 +519,15 @@ class _Plan:
         kh, kw, a, b = (int(d) for d in layer.kernel.shape)
         cls = type(layer).__name__
         if isinstance(layer, GroupedConv2D):
-            g = layer.groups
-            cin, cout = a // g, b
-            w = self.take(key + ".weight", (g * cout, cin, kh, kw))
-            w = w.reshape(g, cout, cin, kh, kw).transpose(3, 4, 0, 2, 1).reshape(kh, kw, a, b)
+            groups = layer.groups
+            w = self.take(key + ".weight", (groups * b, a // groups, kh, kw))
         elif cls == "DepthwiseConv2D":
+            groups = a
             w = self.take(key + ".weight", (a * b, 1, kh, kw))
-            w = w.reshape(a, b, kh, kw).transpose(2, 3, 0, 1)
         else:
-            w = self.take(key + ".weight", (b, a, kh, kw)).transpose(2, 3, 1, 0)
-        self.set(layer.kernel, w * np.float32(scale))
+            groups = 1
+            w = self.take(key + ".weight", (b, a, kh, kw))
+        self.set(layer.kernel, torch_conv_kernel(w, groups) * np.float32(scale))
 
     def bn(self, key: str, name: str) -> None:
         layer = self.layer(name, key + ".weight")
@@ -666,18 +662,22 @@ def load_arcface_torch_pth(path: str | os.PathLike, backbone=None, *, stem_scale
             backbone = create_backbone(name, include_preprocessing=True, **kwargs)
         else:  # an IR-SE depth without a registry row (ir_se10, ir_se18...)
             backbone = IResNetBackbone(name=name, include_preprocessing=True, **kwargs)
-    _run_plan(state, backbone, path, stem_scale, assign=True)
+    _run_plan(state, backbone, path, stem_scale, assign=True, architecture=(name, kwargs))
     return backbone
 
 
-def _run_plan(state, backbone, path, stem_scale, assign) -> dict[str, np.ndarray]:
-    name, kwargs = _infer(state, path)
+def _run_plan(
+    state, backbone, path, stem_scale, assign, architecture=None
+) -> dict[str, np.ndarray]:
+    """Maps ``state`` onto ``backbone``; ``architecture`` is ``_infer``'s answer if known."""
+    from facerec_tf.models.iresnet import IRESNET_STAGES
+
+    name, kwargs = architecture or _infer(state, path)
     if stem_scale is None:  # with or without the preprocess layer: (x - 127.5) / 128 in
         stem_scale = STEM_RESCALE
     plan = _Plan(state, backbone, path, stem_scale, assign)
     if name.startswith(("iresnet", "ir_se")):
-        units = tuple(_count(state, rf"layer{s}\.(\d+)\.") for s in (1, 2, 3, 4))
-        _map_iresnet(plan, units, se=bool(kwargs.get("se")))
+        _map_iresnet(plan, tuple(IRESNET_STAGES[kwargs["depth"]]), se=bool(kwargs.get("se")))
     else:
         _map_mobilefacenet(plan, kwargs["stage_units"])
     plan.finish()
