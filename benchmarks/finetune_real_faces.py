@@ -23,8 +23,10 @@ Prints the 10-fold accuracy and VAL@FAR=1e-3 on the held-out pairs for each. Run
     python benchmarks/finetune_real_faces.py [--workdir DIR] [--steps 150]
         [--pretrain-steps 800] [--pretrained w600k_mbf.onnx] [--finetune-set KEY=VALUE ...]
 
-With ``--workdir`` finished phases are kept and reused. On 2 CPU cores the pre-training takes
-about 35 minutes, each 150-step run about 4.
+With ``--workdir`` finished phases are kept and reused (a run's folder names its steps, batch
+and overrides). MobileFaceNet trains at about 25 images/s on 2 idle CPU cores (``train.py``'s
+log), so the 800 pre-training steps of 64 images take about 35 minutes and each 150-step run
+of 32 about 3.
 """
 
 from __future__ import annotations
@@ -201,6 +203,10 @@ def evaluate(model: pathlib.Path, bin_path: pathlib.Path) -> tuple[float, float,
     return r.accuracy, r.accuracy_std, r.val_at_far_1e3
 
 
+def _exported(run: pathlib.Path) -> pathlib.Path:
+    return run / "export" / "backbone.keras"
+
+
 def _folder_name(overrides: list[str]) -> str:
     """``optimizer.backbone_lr_mult=0.3`` -> ``_backbone_lr_mult-0.3``."""
     parts = (item.partition("=") for item in overrides)
@@ -240,7 +246,6 @@ def main(argv=None) -> int:
     common = [
         "data.verification_targets=[orl_holdout]",
         f"data.verification_dir={orl}",
-        "runtime.verify_every=0",
         "runtime.log_every=25",
         f"runtime.seed={args.seed}",
     ]
@@ -251,12 +256,13 @@ def main(argv=None) -> int:
         "optimizer.freeze_backbone_epochs=0",
     ]
     if args.pretrained:
-        pretrained = pathlib.Path(args.pretrained).resolve()
+        pretrained = before = pathlib.Path(args.pretrained).resolve()
         before_label = f"{pretrained.name} (before fine-tuning)"
     else:
         pretrained = work / f"pretrain_{args.pretrain_steps}"
+        before = _exported(pretrained)
         before_label = f"stand-in, {args.pretrain_steps} steps (before fine-tuning)"
-        if not (pretrained / "export" / "backbone.keras").exists():
+        if not before.exists():
             data = work / "pretrain_data"
             if not (data / "manifest.json").exists():
                 data = prepare_pretraining(work, warps=16, copies=3, seed=args.seed)
@@ -273,28 +279,32 @@ def main(argv=None) -> int:
                     "runtime.verify_every=200",
                 ],
             )
-    steps = [f"data.batch_size={args.batch_size}", f"schedule.total_steps={args.steps}"]
-    finetune = work / f"finetune_{args.steps}{_folder_name(args.finetune_set)}"
+    steps = [
+        f"data.batch_size={args.batch_size}",
+        f"schedule.total_steps={args.steps}",
+        "runtime.verify_every=0",  # the held-out pairs are scored once, at the end
+    ]
+    run = f"{args.steps}x{args.batch_size}"
+    finetune = work / f"finetune_{run}{_folder_name(args.finetune_set)}"
     if args.pretrained:
         finetune = finetune.with_name(finetune.name + "_" + pretrained.stem)
-    scratch = work / f"scratch_{args.steps}"
-    if not (finetune / "export" / "backbone.keras").exists():
+    scratch = work / f"scratch_{run}"
+    if not _exported(finetune).exists():
         train(
             finetune,
             "finetune",
             orl,
             [*common, *steps, f"model.pretrained={pretrained}", *args.finetune_set],
         )
-    if not (scratch / "export" / "backbone.keras").exists():
+    if not _exported(scratch).exists():
         train(scratch, "finetune", orl, [*common, *steps, *from_scratch])
     holdout = orl / "orl_holdout.bin"
-    before = pretrained if args.pretrained else pretrained / "export" / "backbone.keras"
     print(f"\nheld-out ORL identities s31-s40, {holdout} (10-fold):")
     print(f"{'model':<52} {'accuracy':>17} {'VAL@FAR=1e-3':>13}")
     for label, model in (
         (before_label, before),
-        (f"fine-tuned on ORL s1-s30 ({args.steps} steps)", finetune / "export" / "backbone.keras"),
-        (f"from scratch on ORL s1-s30 ({args.steps} steps)", scratch / "export" / "backbone.keras"),
+        (f"fine-tuned on ORL s1-s30 ({args.steps} steps)", _exported(finetune)),
+        (f"from scratch on ORL s1-s30 ({args.steps} steps)", _exported(scratch)),
     ):
         acc, std, val = evaluate(model, holdout)
         print(f"{label:<52} {acc:.4f} +- {std:.4f} {val:>13.4f}")
