@@ -155,13 +155,18 @@ def summarize(times, batch_size, flops_per_image=None, matmul_gflops=None):
 # --------------------------------------------------------------------------- TensorFlow
 
 
-def bf16_flags() -> list[str]:
-    """The CPU's native bf16 flags (``amx_bf16``, ``avx512_bf16``) from /proc/cpuinfo."""
+def cpu_flags() -> list[str]:
+    """The CPU flags listed in /proc/cpuinfo (empty when it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+            return next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
     except OSError:
-        flags = []
+        return []
+
+
+def bf16_flags() -> list[str]:
+    """The CPU's native bf16 flags (``amx_bf16``, ``avx512_bf16``)."""
+    flags = set(cpu_flags())
     return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
 
 
@@ -600,7 +605,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.torch_worker:
         return torch_worker(json.loads(args.torch_worker))
-    args.bf16 = bool(bf16_flags()) and not args.no_bf16
+    native_bf16 = bf16_flags()
+    args.bf16 = bool(native_bf16) and not args.no_bf16
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
@@ -620,7 +626,7 @@ def main(argv=None):
         results["tf_matmul_bf16_gflop_per_s"] = m16 = tf_matmul_gflops(
             args.matmul_reps, dtype="bfloat16"
         )
-        print(f"bf16 {MATMUL_N}^3 tf.matmul: {m16:.1f} GFLOP/s (CPU bf16 flags {bf16_flags()})")
+        print(f"bf16 {MATMUL_N}^3 tf.matmul: {m16:.1f} GFLOP/s (CPU bf16 flags {native_bf16})")
     elif args.no_bf16:
         print("bf16 skipped (--no-bf16)")
     else:

@@ -74,22 +74,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def cpu_flags() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return []
-
-
-def bf16_flags() -> list[str]:
-    flags = set(cpu_flags())
-    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-
-
 def measure(fn, batch, args):
     steps = args.latency_steps if batch == 1 else args.steps
     return bs.summarize(bs.time_steps(fn, steps, args.warmup), batch)
@@ -185,7 +169,7 @@ def main(argv=None):
     from facerec_tf.models import IRESNET_STAGES, create_backbone
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    bf16 = bf16_flags()
+    bf16 = bs.bf16_flags()
     load = os.getloadavg()[0]
     print(f"facerec_tf serving speed: {args.model}, 112x112, batches {batch_sizes}")
     print(
@@ -193,7 +177,7 @@ def main(argv=None):
         f"CPUs, load average {load:.2f}, TF_ENABLE_ONEDNN_OPTS="
         f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset (on)')}"
     )
-    isa = [f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
+    isa = [f for f in bs.cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")]
     print(f"  CPU: {platform.processor() or platform.machine()}, flags {' '.join(isa)}")
     print(
         "  bf16: "

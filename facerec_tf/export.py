@@ -374,15 +374,11 @@ def _serving_embedding_fn(backbone, precision: str):
     as it is in float32."""
     import tensorflow as tf
 
-    from facerec_tf.export_optimize import PRECISIONS, InferenceGraph, OptimizeError
+    from facerec_tf.export_optimize import InferenceGraph, OptimizeError
 
-    if precision not in PRECISIONS:
-        raise ExportError(
-            f"precision {precision!r} is not supported; expected one of {', '.join(PRECISIONS)}"
-        )
     try:
         graph = InferenceGraph(backbone, precision=precision)
-    except OptimizeError as e:
+    except OptimizeError as e:  # an unknown precision too
         if precision != "float32":
             raise ExportError(str(e)) from e
         return _embedding_fn(backbone)

@@ -35,7 +35,6 @@ __all__ = [
     "PRECISIONS",
     "InferenceGraph",
     "OptimizeError",
-    "cpu_bf16_flags",
 ]
 
 PRECISIONS = ("float32", "bfloat16")
@@ -43,20 +42,6 @@ PRECISIONS = ("float32", "bfloat16")
 
 class OptimizeError(FacerecError, ValueError):
     """The model cannot be turned into an inference graph with the requested options."""
-
-
-def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
-    """The CPU flags that give native bfloat16 arithmetic (``amx_bf16``, ``avx512_bf16``)
-    listed in ``cpuinfo``; empty when there are none or the file is unreadable."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    except OSError:
-        pass
-    return []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,7 +156,6 @@ def onnx_files(backbone, tmp_path_factory):
 
 
 def test_serving_layout_and_signatures(serving_dir, loaded):
-
     base, path = serving_dir
     assert path == os.path.join(base, "facerec", "1")
     assert os.path.isfile(os.path.join(base, "facerec", "1", "saved_model.pb"))
