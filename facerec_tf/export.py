@@ -351,29 +351,31 @@ def _inference_graph(backbone, *, drop_preprocessing: bool = False):
     )
 
 
-def _embedding_fn(backbone):
-    """``fn(images [N,H,W,3] float32 in [0,255]) -> L2-normalised float32 embedding``."""
+def _normalised_embed(backbone, run):
+    """``embed(images [N,H,W,3] float32 in [0,255]) -> L2-normalised float32 embedding`` of
+    ``run`` (the backbone's graph), normalising the images first when the backbone has no
+    preprocess layer."""
     import tensorflow as tf
 
-    graph = _inference_graph(backbone)
     normalise_input = not _has_preprocessing(backbone)
 
     def embed(images):
-        x = images
-        if normalise_input:
-            x = (x - _PIXEL_OFFSET) / _PIXEL_SCALE
-        y = tf.cast(graph(x, training=False), tf.float32)
-        return tf.math.l2_normalize(y, axis=-1)
+        x = (images - _PIXEL_OFFSET) / _PIXEL_SCALE if normalise_input else images
+        return tf.math.l2_normalize(tf.cast(run(x), tf.float32), axis=-1)
 
-    return graph, embed
+    return embed
+
+
+def _embedding_fn(backbone):
+    """``(graph, embed)``: the backbone's inference graph and its embedding function."""
+    graph = _inference_graph(backbone)
+    return graph, _normalised_embed(backbone, lambda x: graph(x, training=False))
 
 
 def _serving_embedding_fn(backbone, precision: str):
     """Like :func:`_embedding_fn`, on the optimised graph of :mod:`facerec_tf.export_optimize`
     (BatchNorms folded, computing in ``precision``); a model it cannot rebuild is exported
     as it is in float32."""
-    import tensorflow as tf
-
     from facerec_tf.export_optimize import InferenceGraph, OptimizeError
 
     try:
@@ -382,15 +384,7 @@ def _serving_embedding_fn(backbone, precision: str):
         if precision != "float32":
             raise ExportError(str(e)) from e
         return _embedding_fn(backbone)
-    normalise_input = not _has_preprocessing(backbone)
-
-    def embed(images):
-        x = images
-        if normalise_input:
-            x = (x - _PIXEL_OFFSET) / _PIXEL_SCALE
-        return tf.math.l2_normalize(graph(x), axis=-1)
-
-    return graph, embed
+    return graph, _normalised_embed(backbone, graph)
 
 
 # ----------------------------------------------------------------------------------------------

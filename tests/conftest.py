@@ -8,6 +8,7 @@ Set ``FACEREC_SHARED_DATA`` to point somewhere else.
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import pathlib
 import subprocess
@@ -59,16 +60,26 @@ def torch_python() -> str:
     return os.environ.get("FACEREC_TORCH_PYTHON") or sys.executable
 
 
-def require_torch_python() -> str:
-    """:func:`torch_python`, or skip the test with the reason when it cannot import torch."""
-    python = torch_python()
+@functools.cache
+def _torch_import_error(python: str) -> str | None:
+    """Why ``python`` cannot import torch (its last stderr line), or None; asked once per
+    interpreter and test process."""
     probe = subprocess.run(
         [python, "-c", "import torch"], capture_output=True, text=True, check=False, timeout=300
     )
-    if probe.returncode != 0:
+    if probe.returncode == 0:
+        return None
+    return (probe.stderr.strip().splitlines() or [""])[-1]
+
+
+def require_torch_python() -> str:
+    """:func:`torch_python`, or skip the test with the reason when it cannot import torch."""
+    python = torch_python()
+    error = _torch_import_error(python)
+    if error is not None:
         pytest.skip(
             f"torch is not importable by {python} (install the test extra `.[torch-tests]` "
-            "or set FACEREC_TORCH_PYTHON): " + (probe.stderr.strip().splitlines() or [""])[-1]
+            "or set FACEREC_TORCH_PYTHON): " + error
         )
     return python
 
