@@ -192,28 +192,10 @@ def benchmark_tf(args, matmul_gflops):
     train_flops = TRAIN_FLOPS_FACTOR * forward_flops
     classifier = keras.layers.Dense(NUM_CLASSES, name="classifier")
     classifier.build((None, model.output.shape[-1]))
-    variables = model.trainable_variables + classifier.trainable_variables
 
     rng = tf.random.Generator.from_seed(0)
     images = rng.uniform((args.batch_size, *model.input.shape[1:]), 0.0, 255.0)
     labels = rng.uniform((args.batch_size,), 0, NUM_CLASSES, dtype=tf.int32)
-
-    def make_train_step(jit_compile):
-        optimizer = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
-        optimizer.build(variables)
-
-        @tf.function(jit_compile=jit_compile)
-        def train_step(x, y):
-            with tf.GradientTape() as tape:
-                logits = classifier(model(x, training=True))
-                loss = tf.reduce_mean(
-                    tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-                )
-            grads = tape.gradient(loss, variables)
-            optimizer.apply_gradients(zip(grads, variables))
-            return loss
-
-        return train_step
 
     def make_infer(jit_compile):
         return tf.function(lambda x: model(x, training=False), jit_compile=jit_compile)
@@ -222,7 +204,7 @@ def benchmark_tf(args, matmul_gflops):
     variants = [False] if args.no_jit else [False, True]
     for jit in variants:
         suffix = "_xla" if jit else ""
-        train_step = make_train_step(jit)
+        train_step = make_train_step(model, classifier, jit)
         times = time_steps(lambda s=train_step: s(images, labels).numpy(), args.steps, args.warmup)
         results[f"train{suffix}"] = summarize(times, args.batch_size, train_flops, matmul_gflops)
         infer = make_infer(jit)
@@ -231,6 +213,44 @@ def benchmark_tf(args, matmul_gflops):
     if args.bf16:
         results.update(benchmark_tf_bf16(args, images, labels, forward_flops, matmul_gflops))
     return results
+
+
+def run_torch_worker(python: str, script: str, spec: dict) -> dict | None:
+    """``python script --torch-worker SPEC``: its JSON result (the last stdout line), or None
+    after printing why (exit code 3: torch is not importable there)."""
+    cmd = [python, os.path.abspath(script), "--torch-worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 3:
+        print(f"\nPyTorch comparison skipped: torch is not importable by {python}")
+        return None
+    if proc.returncode != 0:
+        print(f"\nPyTorch comparison failed: {proc.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def make_train_step(model, classifier, jit_compile):
+    """One SGD step (momentum) of ``model`` + ``classifier`` under softmax cross entropy,
+    computed in float32 whatever the policy."""
+    import keras
+    import tensorflow as tf
+
+    variables = model.trainable_variables + classifier.trainable_variables
+    optimizer = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
+    optimizer.build(variables)
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(classifier(model(x, training=True)), tf.float32)
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            )
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    return train_step
 
 
 def benchmark_tf_bf16(args, images, labels, forward_flops, matmul_gflops):
@@ -248,21 +268,7 @@ def benchmark_tf_bf16(args, images, labels, forward_flops, matmul_gflops):
         classifier.build((None, model.output.shape[-1]))
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    variables = model.trainable_variables + classifier.trainable_variables
-    optimizer = keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM)
-    optimizer.build(variables)
-
-    @tf.function
-    def train_step(x, y):
-        with tf.GradientTape() as tape:
-            logits = tf.cast(classifier(model(x, training=True)), tf.float32)
-            loss = tf.reduce_mean(
-                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
-            )
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
-        return loss
-
+    train_step = make_train_step(model, classifier, jit_compile=False)
     infer = tf.function(lambda x: model(x, training=False))
     out = {}
     times = time_steps(lambda: train_step(images, labels).numpy(), args.steps, args.warmup)
@@ -544,17 +550,10 @@ def run_torch(args, tf_res, matmul):
     start = time.perf_counter()
     fwd = tf_res["forward_gflops_per_image"] * 1e9
     if args.torch_python:
-        spec = {"args": {k: v for k, v in vars(args).items()}, "fwd": fwd, "matmul": matmul}
-        spec["layers"] = list(layers)
-        cmd = [args.torch_python, os.path.abspath(__file__), "--torch-worker", json.dumps(spec)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode == 3:
-            print(f"\nPyTorch comparison skipped: torch is not importable by {args.torch_python}")
+        spec = {"args": dict(vars(args)), "fwd": fwd, "matmul": matmul, "layers": list(layers)}
+        torch_res = run_torch_worker(args.torch_python, __file__, spec)
+        if torch_res is None:
             return None
-        if proc.returncode:
-            print(f"\nPyTorch comparison failed: {proc.stderr.strip().splitlines()[-1:]}")
-            return None
-        torch_res = json.loads(proc.stdout.strip().splitlines()[-1])
     else:
         try:
             import torch  # noqa: F401

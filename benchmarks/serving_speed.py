@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 
@@ -127,15 +126,7 @@ def run_torch(args, layers, batch_sizes, bf16) -> dict | None:
             "warmup": args.warmup,
         },
     }
-    cmd = [args.torch_python, os.path.abspath(__file__), "--torch-worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 3:
-        print(f"\nPyTorch comparison skipped: torch is not importable by {args.torch_python}")
-        return None
-    if proc.returncode != 0:
-        print(f"\nPyTorch comparison failed: {proc.stderr.strip().splitlines()[-1:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return bs.run_torch_worker(args.torch_python, __file__, spec)
 
 
 # --------------------------------------------------------------------------- report
