@@ -38,6 +38,12 @@ def rec_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def arcface_torch_dir() -> pathlib.Path:
+    """``../shared/data/arcface_torch``: MobileFaceNets written by arcface_torch itself."""
+    return _require(SHARED_DATA / "arcface_torch")
+
+
+@pytest.fixture(scope="session")
 def yale_dir() -> pathlib.Path:
     """``../shared/data/faces/yale``: 165 real grey face photographs, 15 identities."""
     return _require(SHARED_DATA / "faces" / "yale")

@@ -240,25 +240,16 @@ def make_insightface_iresnet_onnx(
 
 
 @pytest.fixture(scope="session")
-def torch_data(shared_data) -> pathlib.Path:
-    """``../shared/data/arcface_torch``: MobileFaceNets written by arcface_torch itself."""
-    path = shared_data / "arcface_torch"
-    if not path.is_dir():
-        pytest.skip(f"arcface_torch fixtures not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="session")
-def probe(torch_data) -> np.ndarray:
+def probe(arcface_torch_dir) -> np.ndarray:
     """8 real ORL faces, float32 RGB 0..255 [8, 112, 112, 3]."""
-    return np.load(torch_data / "probe_faces.npy").astype(np.float32)
+    return np.load(arcface_torch_dir / "probe_faces.npy").astype(np.float32)
 
 
 @pytest.fixture(scope="module")
-def imported_mbf(torch_data):
+def imported_mbf(arcface_torch_dir):
     from facerec_tf.onnx_import import load_insightface_onnx
 
-    return load_insightface_onnx(torch_data / "mbf.onnx")
+    return load_insightface_onnx(arcface_torch_dir / "mbf.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +269,13 @@ TWIN_ARCHS = ("mbf_large", "ir_se10")
 
 
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory, torch_data):
+def twins(tmp_path_factory, arcface_torch_dir):
     """``tests/torch_twin.py`` files for :data:`TWIN_ARCHS` (one torch process for all)."""
     from conftest import require_torch_python
 
     python = require_torch_python()
     out = tmp_path_factory.mktemp("twins")
-    faces = torch_data / "probe_faces.npy"
+    faces = arcface_torch_dir / "probe_faces.npy"
     calls = "; ".join(
         f"torch_twin.main(['--arch', {a!r}, '--out', {str(out)!r}, '--faces', {str(faces)!r}, "
         "'--steps', '1'])"
@@ -297,11 +288,11 @@ def twins(tmp_path_factory, torch_data):
 
 
 @pytest.fixture(scope="module")
-def cli_exports(torch_data, tmp_path_factory):
+def cli_exports(arcface_torch_dir, tmp_path_factory):
     """``tools/export.py --from-insightface-onnx`` of ``mbf.onnx`` to .keras and SavedModel."""
     out = tmp_path_factory.mktemp("cli")
     cli = _load_script(EXPORT_CLI, "facerec_export_cli_onnx_import")
-    model = str(torch_data / "mbf.onnx")
+    model = str(arcface_torch_dir / "mbf.onnx")
     common = ["--model", model, "--from-insightface-onnx"]
     assert cli.main([*common, "--output", str(out / "mbf.keras"), "--format", "keras"]) == 0
     assert cli.main([*common, "--output", str(out / "sm"), "--format", "saved_model"]) == 0
@@ -316,11 +307,13 @@ def cli_exports(torch_data, tmp_path_factory):
     "name, layout",
     [("mbf", ((1, 4, 6, 2), 2, 512)), ("mbf_s1_b2231_e128", ((2, 2, 3, 1), 1, 128))],
 )
-def test_arcface_torch_mobilefacenet_matches_onnxruntime_and_torch(name, layout, torch_data, probe):
+def test_arcface_torch_mobilefacenet_matches_onnxruntime_and_torch(
+    name, layout, arcface_torch_dir, probe
+):
     from facerec_tf.onnx_import import load_insightface_onnx
 
-    manifest = json.loads((torch_data / "manifest.json").read_text())["models"][name]
-    model = load_insightface_onnx(torch_data / f"{name}.onnx")
+    manifest = json.loads((arcface_torch_dir / "manifest.json").read_text())["models"][name]
+    model = load_insightface_onnx(arcface_torch_dir / f"{name}.onnx")
     config = model.get_config()
     assert (tuple(config["stage_units"]), config["width_scale"], config["embedding_size"]) == (
         layout
@@ -328,12 +321,16 @@ def test_arcface_torch_mobilefacenet_matches_onnxruntime_and_torch(name, layout,
     assert config["include_preprocessing"] is True
     assert _count_parameters(model) == manifest["params"]  # arcface_torch's count
     out = model(probe, training=False).numpy()
-    _parity(out, _ort_embed(torch_data / f"{name}.onnx", _to_insightface(probe)), f"{name} vs ORT")
-    ref = np.load(torch_data / f"{name}_eval_embeddings.npy")
+    _parity(
+        out,
+        _ort_embed(arcface_torch_dir / f"{name}.onnx", _to_insightface(probe)),
+        f"{name} vs ORT",
+    )
+    ref = np.load(arcface_torch_dir / f"{name}_eval_embeddings.npy")
     _parity(out, ref, f"{name} vs torch")
 
 
-def test_include_preprocessing_false_takes_the_project_normalisation(torch_data, probe):
+def test_include_preprocessing_false_takes_the_project_normalisation(arcface_torch_dir, probe):
     """A backbone without its preprocess layer takes (x - 127.5) / 128, like every such
     backbone here (the pipeline, trainer and export feed it that): the stem carries 128/127.5."""
     import onnx
@@ -342,7 +339,7 @@ def test_include_preprocessing_false_takes_the_project_normalisation(torch_data,
     from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
     from facerec_tf.onnx_import import STEM_RESCALE, load_insightface_onnx
 
-    path = torch_data / "mbf_s1_b2231_e128.onnx"
+    path = arcface_torch_dir / "mbf_s1_b2231_e128.onnx"
     layout = dict(embedding_size=128, stage_units=(2, 2, 3, 1), width_scale=1)
     raw = MobileFaceNetBackbone(include_preprocessing=False, **layout)
     assert load_insightface_onnx(path, backbone=raw) is raw
@@ -362,12 +359,12 @@ def test_include_preprocessing_false_takes_the_project_normalisation(torch_data,
     )
 
 
-def test_a_backbone_of_another_layout_is_refused(torch_data):
+def test_a_backbone_of_another_layout_is_refused(arcface_torch_dir):
     from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
     from facerec_tf.onnx_import import OnnxImportError, load_insightface_onnx
 
     with pytest.raises(OnnxImportError, match=r"stage_units=\(2, 2, 3, 1\), width_scale=1"):
-        load_insightface_onnx(torch_data / "mbf_s1_b2231_e128.onnx", MobileFaceNetBackbone())
+        load_insightface_onnx(arcface_torch_dir / "mbf_s1_b2231_e128.onnx", MobileFaceNetBackbone())
 
 
 def _pytorch18_style(model) -> None:
@@ -431,17 +428,19 @@ def _pytorch18_style(model) -> None:
     g.node.extend(nodes)
 
 
-def test_pytorch18_style_graph(torch_data, probe, tmp_path):
+def test_pytorch18_style_graph(arcface_torch_dir, probe, tmp_path):
     from facerec_tf.onnx_import import load_insightface_onnx
 
-    path = _edit(torch_data / "mbf_s1_b2231_e128.onnx", tmp_path / "v18.onnx", _pytorch18_style)
+    path = _edit(
+        arcface_torch_dir / "mbf_s1_b2231_e128.onnx", tmp_path / "v18.onnx", _pytorch18_style
+    )
     model = load_insightface_onnx(path)
     assert tuple(model.get_config()["stage_units"]) == (2, 2, 3, 1)
     ref = np.concatenate([_ort_embed(path, _to_insightface(probe[i : i + 1])) for i in range(8)])
     _parity(model(probe, training=False).numpy(), ref, "PyTorch 1.8-style graph vs ORT")
 
 
-def test_prelu_slopes_given_as_vectors(torch_data, tmp_path):
+def test_prelu_slopes_given_as_vectors(arcface_torch_dir, tmp_path):
     """``[C]`` slopes (as some simplifiers write them) parse to the same values as
     ``[C, 1, 1]`` (parse only: onnxruntime would broadcast ``[C]`` over W)."""
     import onnx
@@ -449,7 +448,7 @@ def test_prelu_slopes_given_as_vectors(torch_data, tmp_path):
 
     from facerec_tf.onnx_import import parse_insightface_onnx
 
-    src = torch_data / "mbf_s1_b2231_e128.onnx"
+    src = arcface_torch_dir / "mbf_s1_b2231_e128.onnx"
 
     def flatten_slopes(model):
         for i, init in enumerate(model.graph.initializer):
@@ -493,14 +492,14 @@ def _normalise_in_graph(ops) -> callable:
     return edit
 
 
-def test_in_graph_normalisation_is_folded_into_the_stem(torch_data, probe, tmp_path):
+def test_in_graph_normalisation_is_folded_into_the_stem(arcface_torch_dir, probe, tmp_path):
     """Sub 127.5 then a per-channel Mul: fed pixels, folded exactly (centred on 127.5)."""
     from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
     from facerec_tf.onnx_import import load_insightface_onnx
 
     scale = np.array([1 / 127.5, 1 / 128, 1 / 100], np.float32).reshape(1, 3, 1, 1)
     edit = _normalise_in_graph([("Sub", 127.5), ("Mul", scale)])
-    path = _edit(torch_data / "mbf_s1_b2231_e128.onnx", tmp_path / "norm.onnx", edit)
+    path = _edit(arcface_torch_dir / "mbf_s1_b2231_e128.onnx", tmp_path / "norm.onnx", edit)
     ref = _ort_embed(path, np.ascontiguousarray(probe.transpose(0, 3, 1, 2)))  # pixels in
     model = load_insightface_onnx(path)
     _parity(model(probe, training=False).numpy(), ref, "in-graph normalisation vs ORT")
@@ -512,7 +511,7 @@ def test_in_graph_normalisation_is_folded_into_the_stem(torch_data, probe, tmp_p
     _parity(raw(normalised, training=False).numpy(), ref, "include_preprocessing=False, in-graph")
 
 
-def test_off_centre_normalisation_is_refused_naming_the_node(torch_data, probe, tmp_path):
+def test_off_centre_normalisation_is_refused_naming_the_node(arcface_torch_dir, probe, tmp_path):
     """ImageNet means: zero padding differs between the conventions, so no exact fold behind
     our (x - 127.5) / 128, with or without the preprocess layer."""
     from facerec_tf.models.mobilefacenet import MobileFaceNetBackbone
@@ -520,7 +519,7 @@ def test_off_centre_normalisation_is_refused_naming_the_node(torch_data, probe, 
 
     mean = np.array([123.675, 116.28, 103.53], np.float32).reshape(1, 3, 1, 1)
     edit = _normalise_in_graph([("Sub", mean), ("Div", 58.0)])
-    path = _edit(torch_data / "mbf_s1_b2231_e128.onnx", tmp_path / "imagenet.onnx", edit)
+    path = _edit(arcface_torch_dir / "mbf_s1_b2231_e128.onnx", tmp_path / "imagenet.onnx", edit)
     with pytest.raises(OnnxImportError) as info:
         load_insightface_onnx(path)
     assert "node 'Sub_norm0' (Sub): the input normalisation maps pixel 127.5 to" in str(info.value)
@@ -538,12 +537,12 @@ def _break(model, op_type, index, new_op):
     return node.name
 
 
-def test_unmappable_graph_is_refused_naming_the_node(torch_data, tmp_path):
+def test_unmappable_graph_is_refused_naming_the_node(arcface_torch_dir, tmp_path):
     from facerec_tf.onnx_import import OnnxImportError, parse_insightface_onnx
 
     names = {}
     path = _edit(
-        torch_data / "mbf.onnx",
+        arcface_torch_dir / "mbf.onnx",
         tmp_path / "relu.onnx",
         lambda m: names.update(victim=_break(m, "PRelu", 5, "Relu")),
     )
@@ -561,15 +560,17 @@ def test_unmappable_graph_is_refused_naming_the_node(torch_data, tmp_path):
         conv = model.graph.node[0]
         next(a for a in conv.attribute if a.name == "strides").ints[:] = [3, 3]
 
-    path = _edit(torch_data / "mbf.onnx", tmp_path / "stride3.onnx", stride3)
+    path = _edit(arcface_torch_dir / "mbf.onnx", tmp_path / "stride3.onnx", stride3)
     with pytest.raises(OnnxImportError, match=r"node '/layers.0/layers/layers.0/Conv' \(Conv\): "
                        r"stride 3 \(expected the stem conv: stride 1 \(IResNet\) or 2"):  # fmt: skip
         parse_insightface_onnx(path)
 
 
-def test_cli_refuses_an_unmappable_graph_with_exit_2(torch_data, tmp_path):
+def test_cli_refuses_an_unmappable_graph_with_exit_2(arcface_torch_dir, tmp_path):
     path = _edit(
-        torch_data / "mbf.onnx", tmp_path / "relu.onnx", lambda m: _break(m, "PRelu", 5, "Relu")
+        arcface_torch_dir / "mbf.onnx",
+        tmp_path / "relu.onnx",
+        lambda m: _break(m, "PRelu", 5, "Relu"),
     )
     out = tmp_path / "out.keras"
     run = subprocess.run(
@@ -588,23 +589,23 @@ def test_cli_refuses_an_unmappable_graph_with_exit_2(torch_data, tmp_path):
 # tools/export.py and evaluate.py on an imported arcface_torch MobileFaceNet
 
 
-def test_cli_keras_import_matches_onnxruntime(cli_exports, torch_data, probe):
+def test_cli_keras_import_matches_onnxruntime(cli_exports, arcface_torch_dir, probe):
     import keras
 
     import facerec_tf.models  # noqa: F401  (registers the classes)
 
     model = keras.saving.load_model(cli_exports / "mbf.keras", compile=False)
     assert model.name == "mobilefacenet"
-    ref = _ort_embed(torch_data / "mbf.onnx", _to_insightface(probe))
+    ref = _ort_embed(arcface_torch_dir / "mbf.onnx", _to_insightface(probe))
     _parity(model(probe, training=False).numpy(), ref, "tools/export.py .keras vs ORT")
 
 
-def test_cli_saved_model_gives_the_same_embeddings(cli_exports, torch_data, probe):
+def test_cli_saved_model_gives_the_same_embeddings(cli_exports, arcface_torch_dir, probe):
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(cli_exports / "sm"))
     out = loaded.signatures["serving_default"](images=tf.constant(probe))["embedding"].numpy()
-    ref = _l2(_ort_embed(torch_data / "mbf.onnx", _to_insightface(probe)))
+    ref = _l2(_ort_embed(arcface_torch_dir / "mbf.onnx", _to_insightface(probe)))
     _parity(out, ref, "SavedModel of the import vs ORT (L2-normalised)")
 
 
@@ -625,12 +626,12 @@ def _ten_fold_accuracy(emb: np.ndarray, issame: np.ndarray):
 
 
 @pytest.mark.slow
-def test_evaluate_on_the_import_scores_like_onnxruntime(torch_data, rec_dir, tmp_path):
+def test_evaluate_on_the_import_scores_like_onnxruntime(arcface_torch_dir, rec_dir, tmp_path):
     """evaluate.py on the .keras that tools/export.py imports (the scale-1 MobileFaceNet, for
     speed) against onnxruntime on the ONNX file, on the 300 Yale pairs."""
     from facerec_tf.data.verification_bin import decode_pairs, load_bin
 
-    onnx_path = torch_data / "mbf_s1_b2231_e128.onnx"
+    onnx_path = arcface_torch_dir / "mbf_s1_b2231_e128.onnx"
     keras_path = tmp_path / "mbf_s1.keras"
     cli = _load_script(EXPORT_CLI, "facerec_export_cli_onnx_evaluate")
     args = ["--model", str(onnx_path), "--from-insightface-onnx", "--output", str(keras_path)]
@@ -656,12 +657,14 @@ def test_evaluate_on_the_import_scores_like_onnxruntime(torch_data, rec_dir, tmp
     assert got["num_pairs"] == 300
 
 
-def test_imported_model_exports_to_onnx_with_insightface_interface(torch_data, probe, tmp_path):
+def test_imported_model_exports_to_onnx_with_insightface_interface(
+    arcface_torch_dir, probe, tmp_path
+):
     """Round trip: import, then export with insightface's interface: the new file equals the
     original under onnxruntime."""
     pytest.importorskip("tf2onnx")
     cli = _load_script(EXPORT_CLI, "facerec_export_cli_onnx_round_trip")
-    src = torch_data / "mbf_s1_b2231_e128.onnx"
+    src = arcface_torch_dir / "mbf_s1_b2231_e128.onnx"
     out = tmp_path / "round_trip.onnx"
     status = cli.main(["--model", str(src), "--from-insightface-onnx", "--output", str(out),
                        "--format", "onnx", "--insightface-onnx"])  # fmt: skip

@@ -32,14 +32,6 @@ def rel_err(out, ref) -> float:
     return float(np.max(np.abs(np.asarray(out) - ref)) / np.max(np.abs(ref)))
 
 
-@pytest.fixture(scope="module")
-def arcface_torch_dir(shared_data):
-    path = shared_data / "arcface_torch"
-    if not (path / "mbf.pth").exists():
-        pytest.skip(f"arcface_torch fixtures not found at {path}")
-    return path
-
-
 # ----------------------------------------------------------------------------------------------
 # A torch.save archive written opcode by opcode (the layout torch 2.x writes, protocol 2)
 
